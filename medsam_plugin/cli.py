@@ -1,0 +1,195 @@
+"""The `medsam-plugin` command line: segment, evaluate, models (and finetune, see training/)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+EXIT_CANCELLED = 130
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="lite_medsam",
+                   help="registered model name or checkpoint path (default: lite_medsam); see `medsam-plugin models`")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--window", default=None,
+                   help="intensity window: abdomen, lung, brain, bone, mr, or LEVEL,WIDTH (default: by modality)")
+    p.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"), help="slicing axis")
+    p.add_argument("--mode", default=None, help="propagation prompt mode: box, mask, box+mask, points, box+points")
+    p.add_argument("--min-iou", type=float, default=None,
+                   help="stop propagating when a slice overlaps the previous one less than this (default 0.5)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medsam-plugin", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine decides")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    seg = sub.add_parser("segment", help="segment a scan from a prompts file and write a label map")
+    seg.add_argument("image", help="NIfTI file, DICOM folder, NRRD or MHA")
+    seg.add_argument("--prompts", required=True, help="prompts JSON (objects with boxes/points; see README)")
+    seg.add_argument("--out", required=True, help="output label map (.nii.gz)")
+    seg.add_argument("--png", default=None, help="also write a PNG overlay of the result here")
+    seg.add_argument("--per-object-dir", default=None, help="also write one binary label file per object here")
+    seg.add_argument("--reference", default=None, help="a ground-truth label map: print Dice per object")
+    seg.add_argument("--cache-dir", default=None, help="keep slice embeddings on disk here for re-runs")
+    _add_model_args(seg)
+
+    ev = sub.add_parser("evaluate", help="simulated-expert evaluation against ground-truth labels")
+    ev.add_argument("image", help="scan, or a Decathlon dataset.json to evaluate every case")
+    ev.add_argument("label", nargs="?", help="ground-truth label map (not needed with a dataset.json)")
+    ev.add_argument("--labels", default=None, help="comma-separated label values (default: all present)")
+    ev.add_argument("--clicks", type=int, default=0, help="corrective click rounds after propagation")
+    ev.add_argument("--json", default=None, help="write the report here")
+    ev.add_argument("--data-root", default=None, help="folder the dataset.json paths are relative to")
+    _add_model_args(ev)
+
+    sub.add_parser("models", help="list the registered models and where their weights come from")
+
+    from .training.cli import add_finetune_parser
+
+    add_finetune_parser(sub)
+    return parser
+
+
+def _stop_rules(args):
+    from .engine.propagation import StopRules
+
+    return StopRules() if args.min_iou is None else StopRules(min_iou_with_previous=args.min_iou)
+
+
+def _progress_bar(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="slice", file=sys.stderr, disable=None, leave=False)
+
+
+def cmd_segment(args) -> int:
+    from .engine.prompts import load_prompts, parse_prompts
+    from .engine.session import SegmentationSession
+    from .io import read_labels, read_volume
+
+    volume = read_volume(args.image)
+    session = SegmentationSession(volume, model=args.model, device=args.device, axis=args.axis,
+                                  window=args.window, cache_dir=args.cache_dir)
+    objects = parse_prompts(load_prompts(args.prompts), session.view, source=str(args.prompts))
+    if args.mode:
+        session.mode = args.mode
+    session.stop_rules = _stop_rules(args)
+    out = Path(args.out)
+    if out.parent and not out.parent.exists():
+        raise ValueError(f"The output folder {out.parent} does not exist; create it or choose another --out.")
+    predictor = session.predictor  # load the model before the progress bars start
+    logging.getLogger(__name__).info("model %s on %s", predictor.spec.name, predictor.device)
+    for obj in objects:
+        session.add_object(name=obj.name, label_id=obj.label_id)
+        for sp in obj.slices.values():
+            session.segment_slice(obj.label_id, sp.z, points_yx=sp.points_yx or None,
+                                  point_labels=sp.point_labels or None, box_xyxy=sp.box_xyxy)
+        if obj.direction != "none":
+            gen = session.propagate(obj.label_id, direction=obj.direction)
+            bar = _progress_bar(session.shape_zyx[0], f"{obj.name}")
+            while True:
+                try:
+                    progress = next(gen)
+                except StopIteration as done:
+                    result = done.value
+                    break
+                bar.total = progress.total
+                bar.n = progress.done
+                bar.refresh()
+            bar.close()
+            print(f"{obj.name} (label {obj.label_id}): slices {min(result.slices)}-{max(result.slices)} "
+                  f"({len(result.slices)} slices); stopped: "
+                  + "; ".join(f"{k}: {v}" for k, v in result.stopped.items()), file=sys.stderr)
+    written = session.save(out, per_object_dir=args.per_object_dir)
+    print(f"wrote {written[0]}")
+    if args.png:
+        from .io.overlay import save_overlay_png
+
+        png = save_overlay_png(args.png, session.image_u8, session.labels.array, session.labels.objects,
+                               spacing_zyx=session.view.view_spacing)
+        print(f"wrote {png}")
+    if args.reference:
+        from .evaluation.metrics import dice
+
+        truth = read_labels(args.reference, volume)
+        labels_ijk = session.labels_ijk()
+        for obj in objects:
+            print(f"Dice {obj.name} (label {obj.label_id}) vs reference: "
+                  f"{dice(labels_ijk == obj.label_id, truth == obj.label_id):.3f}")
+    return 0
+
+
+def _print_table(report: dict) -> None:
+    print(f"\n{Path(report['image']).parent.name or report['image']}  (model {report['model']}, mode "
+          f"{report['mode']}, clicks {report['clicks']})")
+    print(f"{'label':>6} {'name':<28} {'dice':>6} {'nsd':>6} {'prompted':>9} {'pred/true slices':>17} {'sec':>6}")
+    for o in report["objects"]:
+        print(f"{o['label']:>6} {o['name'][:28]:<28} {o['dice']:6.3f} {o['nsd']:6.3f} {o['slices_prompted']:>9} "
+              f"{o['slices_predicted']:>8}/{o['slices_truth']:<8} {o['seconds']:6.1f}")
+    print(f"{'mean':>6} {'':<28} {report['mean_dice']:6.3f} {report['mean_nsd']:6.3f}")
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluation.run import datalist_cases, evaluate_case
+    from .model.registry import load_model
+
+    labels = [int(v) for v in args.labels.split(",")] if args.labels else None
+    if args.image.endswith(".json"):
+        cases = datalist_cases(args.image, args.data_root)
+    else:
+        if not args.label:
+            raise ValueError("evaluate needs IMAGE and LABEL, or a dataset.json.")
+        cases = [{"image": args.image, "label": args.label}]
+    loaded = load_model(args.model, device=args.device)
+    reports = []
+    for case in cases:
+        report = evaluate_case(case["image"], case["label"], labels=labels, clicks=args.clicks, mode=args.mode,
+                               axis=args.axis, window=args.window, loaded_model=loaded, stop=_stop_rules(args))
+        _print_table(report)
+        reports.append(report)
+    out = reports[0] if len(reports) == 1 else {
+        "cases": reports, "mean_dice": sum(r["mean_dice"] for r in reports) / len(reports)}
+    if args.json:
+        from .io.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(out, indent=2, default=float))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .model.registry import describe_models
+
+    print(describe_models())
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handlers = {"segment": cmd_segment, "evaluate": cmd_evaluate, "models": cmd_models}
+    if args.command == "finetune":
+        from .training.cli import cmd_finetune
+
+        handlers["finetune"] = cmd_finetune
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        print("cancelled: nothing was written.", file=sys.stderr)
+        return EXIT_CANCELLED
+    except (ValueError, KeyError, IndexError, OSError, RuntimeError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The segmentation engine: preprocessing, the cached slice predictor, propagation, labels."""

@@ -1,0 +1,152 @@
+"""A multi-object label volume in view space, with an explicit overlap rule and undo/redo.
+
+Overlap rule: a voxel belongs to the first object that claimed it. Committing object A's mask
+never overwrites voxels of another object B (so a propagation cannot eat a neighbour, nor what a
+user painted for it) unless the caller asks for `overwrite=True`. Re-committing A on a slice
+replaces A's own voxels on that slice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+
+
+@dataclass
+class SegmentedObject:
+    label_id: int
+    name: str
+    color: tuple[int, int, int]
+
+
+def label_dtype(max_label: int) -> np.dtype:
+    """uint8 up to 254 labels, uint16 beyond (never int64 on disk)."""
+    return np.dtype(np.uint8) if max_label <= 254 else np.dtype(np.uint16)
+
+
+class LabelVolume:
+    """(Z, H, W) uint16 labels in the engine's view frame, edited slice-wise with an undo history."""
+
+    def __init__(self, shape_zyx: tuple[int, int, int], max_undo: int = 50):
+        self.array = np.zeros(shape_zyx, dtype=np.uint16)
+        self.objects: dict[int, SegmentedObject] = {}
+        self._undo: list[tuple[str, np.ndarray, np.ndarray]] = []  # (what, slice indices, old slices)
+        self._redo: list[tuple[str, np.ndarray, np.ndarray]] = []
+        self.max_undo = max_undo
+
+    # ------------------------------------------------------------------ objects
+    def add_object(self, name: str | None = None, label_id: int | None = None,
+                   color: tuple[int, int, int] | None = None) -> SegmentedObject:
+        if label_id is None:
+            label_id = max(self.objects, default=0) + 1
+        label_id = int(label_id)
+        if not 1 <= label_id <= 65535:
+            raise ValueError(f"Label ids run from 1 to 65535; got {label_id}.")
+        if label_id in self.objects:
+            raise ValueError(f"Label {label_id} is already used by '{self.objects[label_id].name}'.")
+        from ..io.colors import label_color
+
+        obj = SegmentedObject(label_id, name or f"object {label_id}", tuple(color or label_color(label_id)))
+        self.objects[label_id] = obj
+        return obj
+
+    def remove_object(self, label_id: int) -> None:
+        """Forget an object and clear its voxels (undoable)."""
+        self.clear_object(label_id)
+        self.objects.pop(label_id, None)
+
+    def names(self) -> dict[int, str]:
+        return {k: o.name for k, o in self.objects.items()}
+
+    # ------------------------------------------------------------------ edits
+    def commit(self, label_id: int, masks: dict[int, np.ndarray], overwrite: bool = False,
+               replace_own: bool = True, what: str = "commit") -> int:
+        """Write one object's per-slice masks (z -> (H, W) bool); returns voxels changed."""
+        if label_id not in self.objects:
+            raise KeyError(f"No object with label {label_id}; add it first.")
+        if not masks:
+            return 0
+        zs = np.array(sorted(masks), dtype=np.int64)
+        before = self.array[zs].copy()
+        for z in zs:
+            current = self.array[z]
+            if replace_own:
+                current[current == label_id] = 0
+            mask = np.asarray(masks[int(z)], dtype=bool)
+            if mask.shape != current.shape:
+                raise ValueError(f"Mask for slice {z} has shape {mask.shape}; the slice is {current.shape}.")
+            writable = mask if overwrite else mask & ((current == 0) | (current == label_id))
+            current[writable] = label_id
+        changed = int((self.array[zs] != before).sum())
+        if changed:
+            self._push(what, zs, before)
+        return changed
+
+    def clear_object(self, label_id: int, zs: Iterable[int] | None = None) -> int:
+        sel = np.array(sorted(set(zs)) if zs is not None else np.flatnonzero((self.array == label_id).any(axis=(1, 2))),
+                       dtype=np.int64)
+        if sel.size == 0:
+            return 0
+        before = self.array[sel].copy()
+        part = self.array[sel]
+        part[part == label_id] = 0
+        self.array[sel] = part
+        changed = int((self.array[sel] != before).sum())
+        if changed:
+            self._push(f"clear {label_id}", sel, before)
+        return changed
+
+    def set_array(self, new_array: np.ndarray, what: str = "edit") -> int:
+        """Replace the whole volume (for example after painting in napari), undoably."""
+        new_array = np.asarray(new_array)
+        if new_array.shape != self.array.shape:
+            raise ValueError(f"Label array has shape {new_array.shape}; expected {self.array.shape}.")
+        zs = np.flatnonzero((new_array != self.array).any(axis=(1, 2)))
+        if zs.size == 0:
+            return 0
+        before = self.array[zs].copy()
+        self.array[zs] = new_array[zs]
+        self._push(what, zs, before)
+        for label_id in np.unique(self.array[zs]):
+            if label_id and int(label_id) not in self.objects:
+                self.add_object(label_id=int(label_id))
+        return int((self.array[zs] != before).sum())
+
+    # ------------------------------------------------------------------ history
+    def _push(self, what: str, zs: np.ndarray, before: np.ndarray) -> None:
+        self._undo.append((what, zs, before))
+        del self._undo[:-self.max_undo]
+        self._redo.clear()
+
+    @property
+    def can_undo(self) -> bool:
+        return bool(self._undo)
+
+    @property
+    def can_redo(self) -> bool:
+        return bool(self._redo)
+
+    def undo(self) -> str | None:
+        """Revert the last edit; returns its description, or None when there is nothing to undo."""
+        if not self._undo:
+            return None
+        what, zs, before = self._undo.pop()
+        self._redo.append((what, zs, self.array[zs].copy()))
+        self.array[zs] = before
+        return what
+
+    def redo(self) -> str | None:
+        if not self._redo:
+            return None
+        what, zs, after = self._redo.pop()
+        self._undo.append((what, zs, self.array[zs].copy()))
+        self.array[zs] = after
+        return what
+
+    # ------------------------------------------------------------------ export
+    def export_array(self) -> np.ndarray:
+        """The labels in the smallest safe dtype: uint8, or uint16 past 254."""
+        top = int(self.array.max()) if self.array.size else 0
+        return self.array.astype(label_dtype(max(top, max(self.objects, default=0))))

@@ -1,0 +1,220 @@
+"""The stateful slice predictor: owns one volume's slices and their cached embeddings.
+
+Like SAM's `SamPredictor`, but for a stack of slices: `set_volume` once, then `predict` on any
+slice. The first prompt on a slice encodes it; every later prompt on that slice only runs the
+prompt encoder and mask decoder.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from .embedding_cache import EmbeddingCache, slice_signature
+from .preprocessing import SliceGeometry, logits_to_mask, slices_to_model_input
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SlicePrediction:
+    """The model's answer for one prompt on one slice.
+
+    mask_yx: (H, W) bool, the chosen mask.
+    logits_256: (256, 256) float32 low-res logits of the chosen mask (feed back as a mask prompt).
+    iou: the model's predicted IoU of the chosen mask.
+    all_masks_yx / all_ious: every candidate when multimask output was asked for.
+    """
+
+    z: int
+    mask_yx: np.ndarray
+    logits_256: np.ndarray
+    iou: float
+    all_masks_yx: np.ndarray | None = None
+    all_ious: np.ndarray | None = None
+    prompt: dict = field(default_factory=dict)
+
+
+class SlicePredictor:
+    """Encodes slices of one (Z, H, W) uint8 volume on demand and decodes prompts on them.
+
+    Args:
+        loaded: a `medsam_plugin.model.registry.LoadedModel`.
+        cache: where embeddings live; a fresh in-memory cache when None.
+        encoder: optional callable (B,3,S,S) float tensor -> (B,256,64,64) embeddings, to swap in
+            a faster inference path (bf16, compiled); defaults to the model's own image encoder.
+    """
+
+    def __init__(self, loaded, cache: EmbeddingCache | None = None, encoder: Callable | None = None):
+        self.loaded = loaded
+        self.sam = loaded.sam
+        self.spec = loaded.spec
+        self.device = loaded.device
+        self.cache = cache if cache is not None else EmbeddingCache()
+        self._encoder = encoder
+        self._volume: np.ndarray | None = None
+        self._geom: SliceGeometry | None = None
+        self._dense_pe = None
+        self.encode_count = 0
+        self.decode_count = 0
+
+    # ------------------------------------------------------------------ volume and embeddings
+    @property
+    def model_key(self) -> str:
+        return f"{self.spec.name}:{getattr(self.spec, 'sha256', None)}:{self.spec.image_size}:{self.spec.normalization}"
+
+    def set_volume(self, volume_u8_zyx: np.ndarray, signatures: bool | None = None) -> None:
+        """Take a preprocessed (Z, H, W) uint8 volume; forgets embeddings of any earlier one."""
+        volume = np.asarray(volume_u8_zyx)
+        if volume.ndim != 3 or volume.dtype != np.uint8:
+            raise ValueError(f"set_volume expects a (Z, H, W) uint8 volume; got {volume.shape} {volume.dtype}.")
+        self._volume = volume
+        self._geom = SliceGeometry(volume.shape[1], volume.shape[2], self.spec.image_size)
+        sigs = {}
+        if self.cache.disk_dir is not None if signatures is None else signatures:
+            sigs = {z: slice_signature(volume[z], self.model_key) for z in range(volume.shape[0])}
+        self.cache.reset(sigs)
+
+    @property
+    def volume(self) -> np.ndarray:
+        if self._volume is None:
+            raise RuntimeError("No volume is set: call SlicePredictor.set_volume(volume_u8_zyx) first.")
+        return self._volume
+
+    @property
+    def geometry(self) -> SliceGeometry:
+        self.volume  # raises the helpful error when unset
+        return self._geom
+
+    @property
+    def n_slices(self) -> int:
+        return self.volume.shape[0]
+
+    def has_embedding(self, z: int) -> bool:
+        return z in self.cache
+
+    def _encode(self, zs: Sequence[int]):
+        import torch
+
+        x, _ = slices_to_model_input(self.volume[list(zs)], self.spec.image_size, self.spec.normalization)
+        x = x.to(self.device)
+        with torch.inference_mode():
+            emb = self._encoder(x) if self._encoder is not None else self.sam.image_encoder(x)
+        self.encode_count += len(zs)
+        return emb.float().cpu().numpy()
+
+    def embedding(self, z: int):
+        """(1, 256, 64, 64) float32 torch tensor on the model's device for slice z (cached)."""
+        import torch
+
+        self._check_z(z)
+        value = self.cache.get(z)
+        if value is None:
+            value = self._encode([z])[0]
+            self.cache.put(z, value)
+        return torch.as_tensor(np.asarray(value, dtype=np.float32))[None].to(self.device)
+
+    def precompute(self, zs: Sequence[int] | None = None, batch_size: int = 1) -> Iterator[int]:
+        """Encode the slices not cached yet, `batch_size` at a time; yields how many are done."""
+        todo = [z for z in (range(self.n_slices) if zs is None else zs) if z not in self.cache]
+        done = 0
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            for z, value in zip(chunk, self._encode(chunk)):
+                self.cache.put(z, value)
+            done += len(chunk)
+            yield done
+
+    def _check_z(self, z: int) -> None:
+        if not 0 <= int(z) < self.n_slices:
+            raise IndexError(f"Slice {z} is outside the volume, which has slices 0..{self.n_slices - 1}.")
+
+    # ------------------------------------------------------------------ prompts
+    def predict(
+        self,
+        z: int,
+        points_yx: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box_xyxy: Sequence[float] | None = None,
+        mask_logits_256: np.ndarray | None = None,
+        multimask: bool = False,
+    ) -> SlicePrediction:
+        """Segment slice z from any combination of prompts.
+
+        Args:
+            points_yx: (N, 2) float, (row, col) slice pixels. point_labels: (N,) 1 = fg, 0 = bg.
+            box_xyxy: (x0, y0, x1, y1) slice pixels, inclusive corners.
+            mask_logits_256: (256, 256) logits from an earlier prediction (dense prompt).
+            multimask: return the best of three candidates (by predicted IoU) and all of them.
+        """
+        import torch
+
+        geom = self.geometry
+        self._check_z(z)
+        points = None
+        if points_yx is not None and len(points_yx):
+            pts_yx = np.asarray(points_yx, dtype=np.float32).reshape(-1, 2)
+            labels = np.ones(len(pts_yx), np.int64) if point_labels is None else np.asarray(point_labels, np.int64)
+            if labels.shape != (len(pts_yx),):
+                raise ValueError(f"Got {len(pts_yx)} points but {labels.size} point labels.")
+            self._check_inside(pts_yx, geom, "point")
+            coords_xy = geom.coords_to_model(pts_yx[:, ::-1])  # the one (row, col) -> (x, y) swap
+            if box_xyxy is None:
+                # SAM pads point-only prompts with a "not a point" token.
+                coords_xy = np.concatenate([coords_xy, np.zeros((1, 2), np.float32)])
+                labels = np.concatenate([labels, [-1]])
+            points = (torch.as_tensor(coords_xy)[None].to(self.device), torch.as_tensor(labels)[None].to(self.device))
+        boxes = None
+        if box_xyxy is not None:
+            box = np.asarray(box_xyxy, dtype=np.float32).reshape(4)
+            if box[2] < box[0] or box[3] < box[1]:
+                raise ValueError(f"A box needs x0 <= x1 and y0 <= y1; got {box.tolist()}.")
+            self._check_inside(np.array([[box[1], box[0]], [box[3], box[2]]]), geom, "box corner")
+            boxes = torch.as_tensor(geom.box_to_model(box))[None].to(self.device)
+        masks = None
+        if mask_logits_256 is not None:
+            masks = torch.as_tensor(np.asarray(mask_logits_256, dtype=np.float32)).reshape(1, 1, 256, 256).to(self.device)
+        if points is None and boxes is None and masks is None:
+            raise ValueError("A prediction needs at least one prompt: points, a box, or a mask.")
+
+        embedding = self.embedding(z)
+        with torch.inference_mode():
+            if self._dense_pe is None:
+                self._dense_pe = self.sam.prompt_encoder.get_dense_pe()
+            sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=masks)
+            low_res, iou = self.sam.mask_decoder(
+                image_embeddings=embedding,
+                image_pe=self._dense_pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask,
+            )  # low_res: 1,M,256,256; iou: 1,M
+            full = logits_to_mask(low_res[0], geom)  # M,H,W
+        self.decode_count += 1
+        ious = iou[0].float().cpu().numpy()
+        masks_yx = (full > 0).cpu().numpy()
+        best = int(np.argmax(ious)) if multimask else 0
+        return SlicePrediction(
+            z=int(z),
+            mask_yx=masks_yx[best],
+            logits_256=low_res[0, best].float().cpu().numpy(),
+            iou=float(ious[best]),
+            all_masks_yx=masks_yx if multimask else None,
+            all_ious=ious if multimask else None,
+            prompt={"points_yx": points_yx, "point_labels": point_labels, "box_xyxy": box_xyxy,
+                    "mask": mask_logits_256 is not None},
+        )
+
+    @staticmethod
+    def _check_inside(points_yx: np.ndarray, geom: SliceGeometry, what: str) -> None:
+        pts = np.asarray(points_yx, dtype=np.float64)
+        bad = (pts[:, 0] < -0.5) | (pts[:, 0] > geom.height - 0.5) | (pts[:, 1] < -0.5) | (pts[:, 1] > geom.width - 0.5)
+        if np.any(bad):
+            p = pts[np.argmax(bad)]
+            raise ValueError(
+                f"A {what} at (row {p[0]:.1f}, col {p[1]:.1f}) lies outside the slice, which is "
+                f"{geom.height} rows x {geom.width} cols. Check the prompt's coordinates and frame."
+            )

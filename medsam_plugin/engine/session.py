@@ -1,0 +1,214 @@
+"""SegmentationSession: the one object the CLI and the napari widget talk to.
+
+It ties a `Volume` to its radiological slice view, the preprocessed uint8 volume, a lazily loaded
+model with its per-slice embedding cache, the objects being segmented with their seeds, and the
+multi-object label volume with undo. All coordinates here are view coordinates (z, row, col).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Generator, Sequence
+
+import numpy as np
+
+from ..io import SliceView, Volume
+from .embedding_cache import EmbeddingCache
+from .labels import LabelVolume, SegmentedObject
+from .predictor import SlicePrediction, SlicePredictor
+from .preprocessing import normalize_volume, parse_window
+from .propagation import DEFAULT_MODE, Progress, PropagationResult, StopRules, propagate
+
+log = logging.getLogger(__name__)
+
+
+class SegmentationSession:
+    """Interactive segmentation of one volume.
+
+    Args:
+        volume: the scan, as read by `medsam_plugin.io.read_volume`.
+        model: registry name or checkpoint path (loaded on first use, not here).
+        device: "auto", "cpu", "cuda", "mps".
+        axis: slicing axis, "axial", "coronal" or "sagittal".
+        window: CT window preset, "mr", (level, width) or None (by modality).
+        loaded_model: an already loaded model to share between sessions (skips loading).
+        cache_dir: folder for on-disk embeddings (None: memory only).
+    """
+
+    def __init__(self, volume: Volume, model: str = "lite_medsam", device: str = "auto", axis: str = "axial",
+                 window=None, loaded_model=None, cache_dir=None, cache_bytes: int | None = 2 * 1024**3):
+        self.volume = volume
+        self.view = SliceView(volume, axis=axis)
+        self.image_zyx = self.view.to_view(volume.data_ijk)
+        self.modality = getattr(volume, "modality", "unknown")
+        self.model_name = model
+        self.device = device
+        self._loaded = loaded_model
+        self._predictor: SlicePredictor | None = None
+        self._cache = EmbeddingCache(max_bytes=cache_bytes, disk_dir=cache_dir)
+        self._lock = threading.RLock()
+        self.labels = LabelVolume(self.image_zyx.shape)
+        self.seeds: dict[int, dict[int, SlicePrediction]] = {}
+        self._propagated: dict[int, dict[int, SlicePrediction]] = {}
+        self.mode = DEFAULT_MODE
+        self.stop_rules = StopRules()
+        self.window = parse_window(window)
+        self.image_u8 = normalize_volume(self.image_zyx, self.modality, self.window)
+
+    # ------------------------------------------------------------------ model
+    @property
+    def shape_zyx(self) -> tuple[int, int, int]:
+        return tuple(self.image_zyx.shape)
+
+    @property
+    def model_loaded(self) -> bool:
+        return self._predictor is not None
+
+    @property
+    def predictor(self) -> SlicePredictor:
+        """The predictor, loading the model on first use."""
+        with self._lock:
+            if self._predictor is None:
+                if self._loaded is None:
+                    from ..model.registry import load_model
+
+                    self._loaded = load_model(self.model_name, device=self.device)
+                    log.info("model %s on %s", self._loaded.spec.name, self._loaded.device)
+                from ..model.fast import make_encoder
+
+                encoder = make_encoder(self._loaded)
+                self._predictor = SlicePredictor(self._loaded, cache=self._cache, encoder=encoder)
+                self._predictor.set_volume(self.image_u8)
+            return self._predictor
+
+    def set_window(self, window) -> None:
+        """Change the intensity window; embeddings of the old window are dropped."""
+        self.window = parse_window(window)
+        self.image_u8 = normalize_volume(self.image_zyx, self.modality, self.window)
+        if self._predictor is not None:
+            self._predictor.set_volume(self.image_u8)
+
+    def precompute(self, zs: Sequence[int] | None = None, batch_size: int = 1,
+                   cancel: threading.Event | None = None) -> Generator[Progress, None, int]:
+        """Encode slices ahead of time (all by default); yields Progress, returns slices encoded."""
+        predictor = self.predictor
+        zs = list(range(self.shape_zyx[0])) if zs is None else list(zs)
+        todo = [z for z in zs if not predictor.has_embedding(z)]
+        yield Progress(0, len(todo), "encoding slices")
+        done = 0
+        for done in predictor.precompute(todo, batch_size=batch_size):
+            yield Progress(done, len(todo), "encoding slices")
+            if cancel is not None and cancel.is_set():
+                break
+        return done
+
+    # ------------------------------------------------------------------ objects
+    def add_object(self, name: str | None = None, label_id: int | None = None, color=None) -> SegmentedObject:
+        obj = self.labels.add_object(name=name, label_id=label_id, color=color)
+        self.seeds.setdefault(obj.label_id, {})
+        return obj
+
+    def remove_object(self, label_id: int) -> None:
+        self.labels.remove_object(label_id)
+        self.seeds.pop(label_id, None)
+
+    def _require(self, label_id: int) -> None:
+        if label_id not in self.labels.objects:
+            raise KeyError(f"There is no object with label {label_id}. Add it first (add_object).")
+
+    # ------------------------------------------------------------------ one slice
+    def segment_slice(self, label_id: int, z: int, points_yx=None, point_labels=None, box_xyxy=None,
+                      use_current_mask: bool = False, multimask: bool | None = None,
+                      commit: bool = True) -> SlicePrediction:
+        """Segment object `label_id` on slice z from the user's prompts and make it a seed.
+
+        use_current_mask: also give the object's current result on this slice as a dense prompt
+            (for corrections: clicks refine what is there instead of starting over).
+        multimask: None picks SAM's rule: several candidates for a lone point, one otherwise.
+        """
+        self._require(label_id)
+        n_points = 0 if points_yx is None else len(np.asarray(points_yx).reshape(-1, 2))
+        if multimask is None:
+            multimask = box_xyxy is None and n_points == 1 and not use_current_mask
+        mask_logits = None
+        previous = self.seeds.get(label_id, {}).get(z) or self._last_prediction(label_id, z)
+        if use_current_mask and previous is not None:
+            mask_logits = previous.logits_256
+            if box_xyxy is None and previous.prompt.get("box_xyxy") is not None:
+                box_xyxy = previous.prompt["box_xyxy"]
+        with self._lock:
+            pred = self.predictor.predict(z, points_yx=points_yx, point_labels=point_labels, box_xyxy=box_xyxy,
+                                          mask_logits_256=mask_logits, multimask=multimask)
+        if commit:
+            self.accept(label_id, pred)
+        return pred
+
+    def _last_prediction(self, label_id: int, z: int) -> SlicePrediction | None:
+        return self._propagated.get(label_id, {}).get(z)
+
+    def accept(self, label_id: int, pred: SlicePrediction) -> None:
+        """Make a slice result a seed of the object and write it into the labels (undoable)."""
+        self._require(label_id)
+        self.seeds.setdefault(label_id, {})[pred.z] = pred
+        self.labels.commit(label_id, {pred.z: pred.mask_yx}, what=f"segment {label_id} on slice {pred.z}")
+
+    def remove_seed(self, label_id: int, z: int) -> None:
+        self.seeds.get(label_id, {}).pop(z, None)
+
+    # ------------------------------------------------------------------ volume
+    def propagate(self, label_id: int, direction: str = "both", mode: str | None = None,
+                  stop: StopRules | None = None, cancel: threading.Event | None = None
+                  ) -> Generator[Progress, None, PropagationResult]:
+        """Propagate an object from its seeds; commits to the labels only when it finishes.
+
+        A cancelled or failed run leaves the labels exactly as they were.
+        """
+        self._require(label_id)
+        seeds = self.seeds.get(label_id) or {}
+        if not seeds:
+            raise ValueError(f"Object {label_id} has no segmented slice yet: prompt it on one slice first.")
+        predictor = self.predictor
+        result = yield from propagate(predictor, seeds, mode=mode or self.mode, stop=stop or self.stop_rules,
+                                      direction=direction, cancel=cancel)
+        order = sorted(seeds)
+        n = self.shape_zyx[0]
+        if direction == "both":
+            affected = range(n)
+        elif direction == "up":
+            affected = range(order[0], n)
+        else:
+            affected = range(0, order[-1] + 1)
+        empty = np.zeros(self.shape_zyx[1:], dtype=bool)
+        masks = {z: (result.predictions[z].mask_yx if z in result.predictions else empty) for z in affected}
+        # Only slices that held this object or gain it need rewriting.
+        holds = (self.labels.array == label_id).any(axis=(1, 2))
+        masks = {z: m for z, m in masks.items() if holds[z] or m.any()}
+        self.labels.commit(label_id, masks, what=f"propagate {label_id}")
+        self._propagated[label_id] = dict(result.predictions)
+        return result
+
+    def undo(self) -> str | None:
+        return self.labels.undo()
+
+    def redo(self) -> str | None:
+        return self.labels.redo()
+
+    # ------------------------------------------------------------------ export
+    def labels_ijk(self) -> np.ndarray:
+        """The label volume in the source file's voxel grid (uint8, or uint16 past 254)."""
+        return self.view.from_view(self.labels.export_array())
+
+    def save(self, path, per_object_dir=None) -> list:
+        """Write the label map (and sidecars) aligned with the source scan; returns paths written."""
+        from ..io import write_label_map
+
+        names = self.labels.names()
+        colors = {k: o.color for k, o in self.labels.objects.items()}
+        written = [write_label_map(path, self.labels_ijk(), self.volume, names=names, colors=colors)]
+        if per_object_dir is not None:
+            from ..io.writers import write_label_maps_per_object
+
+            written += list(write_label_maps_per_object(per_object_dir, self.labels_ijk(), self.volume,
+                                                        names=names, colors=colors))
+        return written

@@ -1,0 +1,74 @@
+"""Evaluate the tool on labelled scans: one case, or every case of a Decathlon-style datalist."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+
+def evaluate_case(image_path, label_path, labels: Iterable[int] | None = None, clicks: int = 0,
+                  model: str = "lite_medsam", device: str = "auto", mode: str | None = None, axis: str = "axial",
+                  window=None, loaded_model=None, stop=None, label_names: dict | None = None,
+                  progress=None) -> dict:
+    """Simulated-expert evaluation of one scan; returns the JSON-ready report.
+
+    labels: label values to evaluate (all non-zero values present by default).
+    progress: optional callable(label_id, index, count) called before each object.
+    """
+    from ..engine.session import SegmentationSession
+    from ..io import read_labels, read_volume
+    from .simulate import simulate_object
+
+    volume = read_volume(image_path)
+    truth_ijk = read_labels(label_path, volume)
+    session = SegmentationSession(volume, model=model, device=device, axis=axis, window=window,
+                                  loaded_model=loaded_model)
+    truth_zyx = session.view.to_view(truth_ijk)
+    present = [int(v) for v in np.unique(truth_zyx) if v != 0]
+    chosen = present if labels is None else [int(v) for v in labels]
+    missing = [v for v in chosen if v not in present]
+    if missing:
+        raise ValueError(f"Label value(s) {missing} do not occur in {label_path}; present: {present}.")
+    scores = []
+    for i, label_id in enumerate(chosen):
+        if progress is not None:
+            progress(label_id, i, len(chosen))
+        name = (label_names or {}).get(label_id, f"label {label_id}")
+        scores.append(simulate_object(session, truth_zyx == label_id, label_id, name=name, clicks=clicks,
+                                      mode=mode, stop=stop))
+    predictor = session.predictor
+    return {
+        "image": str(image_path),
+        "label": str(label_path),
+        "model": session.predictor.spec.name,
+        "mode": mode or session.mode,
+        "axis": axis,
+        "clicks": clicks,
+        "objects": [s.as_dict() for s in scores],
+        "mean_dice": float(np.mean([s.dice for s in scores])) if scores else float("nan"),
+        "mean_nsd": float(np.mean([s.nsd for s in scores])) if scores else float("nan"),
+        "slices_encoded": predictor.encode_count,
+        "prompts_decoded": predictor.decode_count,
+    }
+
+
+def datalist_cases(datalist_path, data_root=None, key: str | None = None) -> list[dict]:
+    """Cases (dicts with 'image' and 'label' paths) of a Decathlon `dataset.json`, via MONAI."""
+    from monai.data import load_decathlon_datalist
+
+    datalist_path = Path(datalist_path)
+    root = Path(data_root) if data_root else datalist_path.parent
+    raw = json.loads(datalist_path.read_text())
+    keys = [key] if key else [k for k in ("validation", "training", "test") if raw.get(k)]
+    cases = []
+    for k in keys:
+        for item in load_decathlon_datalist(str(datalist_path), is_segmentation=True, data_list_key=k,
+                                            base_dir=str(root)):
+            if isinstance(item, dict) and "label" in item:
+                cases.append(item)
+    if not cases:
+        raise ValueError(f"{datalist_path} lists no cases with both 'image' and 'label'.")
+    return cases

@@ -1,0 +1,38 @@
+"""Atomic file writes: write beside the target, then rename; never leave a partial file."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def atomic_write(path, write: Callable[[Path], None], suffix: str | None = None) -> Path:
+    """Call `write(tmp_path)` on a temporary file in the target's folder, then rename it over `path`.
+
+    The temporary name keeps the target's suffixes (".nii.gz" stays ".nii.gz") so writers that
+    pick a format from the name still work. On any failure the temporary file is removed and the
+    exception propagates; an existing file at `path` is left untouched.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    suffix = suffix if suffix is not None else "".join(path.suffixes)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=folder)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text), suffix=".tmp")
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data), suffix=".tmp")

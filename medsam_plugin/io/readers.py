@@ -1,0 +1,480 @@
+"""Reading 3D volumes and label maps into `Volume` objects.
+
+- NIfTI (.nii, .nii.gz) through nibabel: `img.affine` is nibabel's best affine (sform when its
+  code is set, else qform, else a scaling fallback); the header is kept for the writer.
+- DICOM series (a folder, or one .dcm file standing for its series), NRRD (.nrrd, .nhdr),
+  MetaImage (.mha, .mhd) and the other 3D formats SimpleITK reads: ITK's LPS origin/direction/
+  spacing become a RAS affine, and SimpleITK's (z, y, x) array becomes (i, j, k).
+
+Every failure raises `ImageReadError` with a sentence naming the file, what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .volume import Volume, guess_modality
+
+__all__ = [
+    "ImageReadError",
+    "LabelMismatchError",
+    "read_volume",
+    "read_labels",
+    "list_dicom_series",
+    "detect_format",
+    "lps_to_ras_affine",
+    "ras_to_lps_geometry",
+    "NIFTI_SUFFIXES",
+    "SITK_SUFFIXES",
+]
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# Suffix -> source_format for files read by SimpleITK.
+SITK_SUFFIXES = {
+    ".nrrd": "nrrd",
+    ".nhdr": "nrrd",
+    ".mha": "mha",
+    ".mhd": "mha",
+    ".dcm": "dicom",
+    ".vtk": "vtk",
+    ".gipl": "gipl",
+    ".gipl.gz": "gipl",
+    ".hdr": "analyze",
+    ".img": "analyze",
+    ".mnc": "minc",
+    ".tif": "tiff",
+    ".tiff": "tiff",
+}
+
+_NONFINITE_POLICIES = ("error", "fill")
+_DICOM_MODALITY_TAG = "0008|0060"
+_SERIES_UID_TAG = "0020|000e"
+_SERIES_DESCRIPTION_TAG = "0008|103e"
+
+
+class ImageReadError(Exception):
+    """A volume or label map could not be read; the message says which file, why, and what to do."""
+
+
+class LabelMismatchError(ImageReadError):
+    """A label map does not fit its reference image (shape or voxel-to-world geometry differ)."""
+
+
+# -- geometry conversions -------------------------------------------------------------------
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def lps_to_ras_affine(origin_lps, spacing, direction_lps) -> np.ndarray:
+    """ITK geometry (origin, spacing along i,j,k, row-major 3x3 direction; LPS) -> 4x4 RAS affine."""
+    direction = np.asarray(direction_lps, dtype=np.float64).reshape(3, 3)
+    aff_lps = np.eye(4)
+    aff_lps[:3, :3] = direction * np.asarray(spacing, dtype=np.float64)[None, :]
+    aff_lps[:3, 3] = np.asarray(origin_lps, dtype=np.float64)
+    return _LPS_TO_RAS @ aff_lps
+
+
+def ras_to_lps_geometry(affine_ras: np.ndarray) -> tuple[tuple, tuple, tuple]:
+    """4x4 RAS affine -> ITK (origin, spacing, direction) in LPS, as SimpleITK setters expect."""
+    aff_lps = _LPS_TO_RAS @ np.asarray(affine_ras, dtype=np.float64)
+    m = aff_lps[:3, :3]
+    spacing = np.sqrt((m**2).sum(axis=0))
+    direction = m / spacing[None, :]
+    return tuple(aff_lps[:3, 3].tolist()), tuple(spacing.tolist()), tuple(direction.reshape(-1).tolist())
+
+
+# -- format detection -----------------------------------------------------------------------
+def detect_format(path: str | os.PathLike) -> str:
+    """"nifti", "dicom" (folder or .dcm), or a SimpleITK format name; ImageReadError if unknown."""
+    p = Path(path)
+    if p.is_dir():
+        return "dicom"
+    name = p.name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    for suffix in sorted(SITK_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return SITK_SUFFIXES[suffix]
+    known = ", ".join([*NIFTI_SUFFIXES, *SITK_SUFFIXES, "a DICOM folder"])
+    raise ImageReadError(
+        f"Cannot read '{p}': the extension '{''.join(p.suffixes) or '(none)'}' is not a known 3D image "
+        f"format. Supported: {known}. Convert the image to NIfTI (.nii.gz) or NRRD, or rename it "
+        f"if the extension is wrong."
+    )
+
+
+# -- public readers -------------------------------------------------------------------------
+def read_volume(
+    path: str | os.PathLike,
+    *,
+    series_uid: str | None = None,
+    nonfinite: str = "error",
+    modality: str | None = None,
+) -> Volume:
+    """Read a 3D image into a `Volume` (array as stored, RAS affine, header, modality).
+
+    Args:
+        path: a NIfTI/NRRD/MetaImage/... file, a DICOM series folder, or one .dcm file of a series.
+        series_uid: which series to read when a DICOM folder holds several
+            (`list_dicom_series(folder)` lists them).
+        nonfinite: what to do with NaN/inf voxels. "error" (default) raises ImageReadError;
+            "fill" replaces NaN and -inf with the lowest finite value and +inf with the highest,
+            and records the count in `Volume.extra["nonfinite_filled"]`.
+        modality: "CT"/"MR" to override the DICOM tag or the intensity guess.
+
+    A 4D image whose extra dimensions all have size 1 is squeezed to 3D; a true 4D image
+    (several volumes) is refused with advice to extract one.
+    """
+    if nonfinite not in _NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite must be one of {_NONFINITE_POLICIES}; got {nonfinite!r}.")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ImageReadError(
+            f"Cannot read '{p}': no such file or folder. Check the path (and that the disk is mounted)."
+        )
+    fmt = detect_format(p)
+    if fmt == "nifti":
+        data, affine, header = _read_nifti(p)
+        dicom_modality = None
+    elif fmt == "dicom":
+        if p.is_file():  # one .dcm file stands for the series it belongs to
+            data, affine, header = _read_dicom(p.parent, series_uid or _series_uid_of_file(p))
+        else:
+            data, affine, header = _read_dicom(p, series_uid)
+        dicom_modality = header.get(_DICOM_MODALITY_TAG)
+    else:
+        data, affine, header = _read_sitk_file(p, fmt)
+        dicom_modality = header.get(_DICOM_MODALITY_TAG)
+
+    data = _ensure_3d(data, p)
+    extra: dict[str, Any] = {}
+    data, n_filled = _check_finite(data, p, nonfinite)
+    if n_filled:
+        extra["nonfinite_filled"] = n_filled
+
+    if modality is not None:
+        if modality not in ("CT", "MR", "unknown"):
+            raise ValueError(f"modality must be 'CT', 'MR' or 'unknown'; got {modality!r}.")
+        mod, mod_src = modality, "user"
+    elif dicom_modality:
+        tag = str(dicom_modality).strip().upper()
+        mod, mod_src = (tag if tag in ("CT", "MR") else "unknown"), "dicom"
+    else:
+        mod, mod_src = guess_modality(data), "guess"
+
+    return Volume(
+        data_ijk=data,
+        affine_ras=affine,
+        header=header,
+        source_path=p,
+        source_format=fmt,
+        modality=mod,
+        modality_source=mod_src,
+        extra=extra,
+    )
+
+
+def read_labels(
+    path: str | os.PathLike,
+    reference: Volume,
+    *,
+    atol: float = 1e-3,
+    allow_reorient: bool = True,
+) -> np.ndarray:
+    """Read a label map that belongs to `reference` and return it in the reference's voxel grid.
+
+    Returns:
+        (I, J, K) uint8 array (uint16 once a label id exceeds 254) in `reference.data_ijk`'s
+        index order.
+
+    Raises:
+        LabelMismatchError: the shape differs, or the voxel-to-world affines differ by more than
+            `atol` (mm, elementwise). When `allow_reorient` is True, a label map stored as a pure
+            axis permutation/flip of the same grid (e.g. saved in another orientation) is mapped
+            back losslessly instead of refused.
+        ImageReadError: the file cannot be read, or its values are not non-negative integers.
+    """
+    p = Path(path)
+    lab = read_volume(p, modality="unknown")
+    data = lab.data_ijk
+    lab_aff = lab.affine_ras
+
+    misfit = data.shape != reference.shape or not np.allclose(lab_aff, reference.affine_ras, atol=atol, rtol=0)
+    if allow_reorient and misfit:
+        data, lab_aff = _reorient_to_reference(data, lab_aff, reference.affine_ras)
+
+    if data.shape != reference.shape:
+        raise LabelMismatchError(
+            f"The label map '{p}' has shape {tuple(data.shape)} but the image "
+            f"'{reference.source_path}' has shape {reference.shape}: they are not on the same voxel "
+            f"grid. Use the label map made for this image, or resample it onto the image first."
+        )
+    if not np.allclose(lab_aff, reference.affine_ras, atol=atol, rtol=0):
+        diff = float(np.max(np.abs(lab_aff - reference.affine_ras)))
+        raise LabelMismatchError(
+            f"The label map '{p}' has the right shape {reference.shape} but a different position or "
+            f"orientation in space than '{reference.source_path}' (affines differ by up to {diff:.4g} mm). "
+            f"Use the label map made for this image, or resample it onto the image first."
+        )
+    return _as_label_dtype(data, p)
+
+
+def list_dicom_series(folder: str | os.PathLike) -> list[dict]:
+    """The DICOM series in a folder: [{"series_uid", "n_files", "description", "modality"}]."""
+    import SimpleITK as sitk
+
+    folder = Path(folder)
+    try:
+        uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    except Exception as exc:  # pragma: no cover - GDCM failures are rare
+        raise ImageReadError(f"Cannot scan '{folder}' for DICOM series: {exc}.") from exc
+    out = []
+    for uid in uids:
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+        desc, mod = "", ""
+        if files:
+            try:
+                fr = sitk.ImageFileReader()
+                fr.SetFileName(files[0])
+                fr.ReadImageInformation()
+                if fr.HasMetaDataKey(_SERIES_DESCRIPTION_TAG):
+                    desc = fr.GetMetaData(_SERIES_DESCRIPTION_TAG).strip()
+                if fr.HasMetaDataKey(_DICOM_MODALITY_TAG):
+                    mod = fr.GetMetaData(_DICOM_MODALITY_TAG).strip()
+            except Exception:
+                pass
+        out.append({"series_uid": uid, "n_files": len(files), "description": desc, "modality": mod})
+    return out
+
+
+# -- format-specific readers ----------------------------------------------------------------
+def _read_nifti(p: Path) -> tuple[np.ndarray, np.ndarray, Any]:
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(p))
+    except Exception as exc:
+        raise ImageReadError(
+            f"Cannot read '{p}': it is not a valid NIfTI file ({type(exc).__name__}: {exc}). The file "
+            f"may be corrupt or only partly copied; copy or export it again."
+        ) from exc
+    try:
+        # dataobj applies scl_slope/scl_inter when they are set, and keeps the stored dtype otherwise.
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:
+        raise ImageReadError(
+            f"Cannot read the voxels of '{p}': the file is truncated or corrupt "
+            f"({type(exc).__name__}: {exc}). Copy or export it again."
+        ) from exc
+    if isinstance(data, np.memmap):
+        data = np.array(data)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    return data, affine, img.header
+
+
+def _read_sitk_file(p: Path, fmt: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    import SimpleITK as sitk
+
+    try:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(p))
+        image = reader.Execute()
+    except Exception as exc:
+        raise ImageReadError(
+            f"Cannot read '{p}' as a {fmt.upper()} image: the file is corrupt, truncated or not in that "
+            f"format ({_first_line(exc)}). Export it again, or convert it to NIfTI (.nii.gz)."
+        ) from exc
+    header = {k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys()}
+    return _sitk_to_ijk(image, p, header)
+
+
+def _read_dicom(folder: Path, series_uid: str | None) -> tuple[np.ndarray, np.ndarray, dict]:
+    import SimpleITK as sitk
+
+    series = list_dicom_series(folder)
+    if not series:
+        raise ImageReadError(
+            f"Cannot read '{folder}': the folder holds no DICOM series (no readable DICOM files were "
+            f"found). Point to the folder that contains the .dcm slices of one series."
+        )
+    uids = [s["series_uid"] for s in series]
+    if series_uid is None:
+        if len(series) > 1:
+            listing = "; ".join(
+                f"{s['series_uid']} ({s['n_files']} files, {s['modality'] or '?'}"
+                f"{', ' + repr(s['description']) if s['description'] else ''})"
+                for s in series
+            )
+            raise ImageReadError(
+                f"The folder '{folder}' holds {len(series)} DICOM series: {listing}. Choose one by "
+                f"passing series_uid=... (CLI: --series-uid)."
+            )
+        series_uid = uids[0]
+    elif series_uid not in uids:
+        raise ImageReadError(
+            f"The folder '{folder}' has no DICOM series with UID {series_uid}; it holds: {', '.join(uids)}."
+        )
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid)
+    if len(files) < 2:
+        raise ImageReadError(
+            f"The DICOM series {series_uid} in '{folder}' has only {len(files)} file: that is a 2D image, "
+            f"not a 3D volume. Use a series with several slices (or one multi-frame file of a 3D volume)."
+        )
+    try:
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(files)
+        reader.MetaDataDictionaryArrayUpdateOn()
+        reader.LoadPrivateTagsOff()
+        image = reader.Execute()
+    except Exception as exc:
+        raise ImageReadError(
+            f"Cannot read the DICOM series {series_uid} in '{folder}' ({_first_line(exc)}). Some slices may be "
+            f"missing, corrupt or of different sizes; export the series again."
+        ) from exc
+    header = {k: reader.GetMetaData(0, k) for k in reader.GetMetaDataKeys(0)}
+    header["series_uid"] = series_uid
+    header["n_files"] = len(files)
+    return _sitk_to_ijk(image, folder, header)
+
+
+def _series_uid_of_file(p: Path) -> str | None:
+    import SimpleITK as sitk
+
+    try:
+        fr = sitk.ImageFileReader()
+        fr.SetFileName(str(p))
+        fr.ReadImageInformation()
+        return fr.GetMetaData(_SERIES_UID_TAG).strip() if fr.HasMetaDataKey(_SERIES_UID_TAG) else None
+    except Exception as exc:
+        raise ImageReadError(
+            f"Cannot read '{p}': it is not a readable DICOM file ({_first_line(exc)}). Check the file, or "
+            f"point to the folder that holds the whole series."
+        ) from exc
+
+
+def _sitk_to_ijk(image, p: Path, header: dict) -> tuple[np.ndarray, np.ndarray, dict]:
+    """SimpleITK image -> (data_ijk, RAS affine, header); squeezes trailing size-1 dimensions."""
+    import SimpleITK as sitk
+
+    ncomp = image.GetNumberOfComponentsPerPixel()
+    if ncomp != 1:
+        raise ImageReadError(
+            f"Cannot use '{p}': it has {ncomp} values per voxel (a colour or vector image), not one "
+            f"intensity. Convert it to a single-channel (greyscale) 3D image first."
+        )
+    dim = image.GetDimension()
+    size = image.GetSize()
+    if dim < 3:
+        raise ImageReadError(
+            f"Cannot use '{p}': it is a 2D image of size {size}, not a 3D volume. Load the whole series "
+            f"or a 3D file (NIfTI, NRRD, DICOM folder)."
+        )
+    if dim > 3:
+        extra = size[3:]
+        if any(s != 1 for s in extra):
+            raise _four_d_error(p, (*size[:3], *extra))
+        origin = image.GetOrigin()[:3]
+        spacing = image.GetSpacing()[:3]
+        d = np.asarray(image.GetDirection()).reshape(dim, dim)[:3, :3]
+        arr = sitk.GetArrayFromImage(image).reshape(size[2], size[1], size[0])
+    else:
+        origin, spacing, d = image.GetOrigin(), image.GetSpacing(), image.GetDirection()
+        arr = sitk.GetArrayFromImage(image)
+    data = np.ascontiguousarray(arr.transpose(2, 1, 0))  # (z, y, x) -> (i, j, k)
+    affine = lps_to_ras_affine(origin, spacing, d)
+    return data, affine, header
+
+
+# -- checks ---------------------------------------------------------------------------------
+def _four_d_error(p: Path, shape) -> ImageReadError:
+    shape = tuple(int(s) for s in shape)
+    dims = ", ".join(f"dimension {i + 1} has {n}" for i, n in enumerate(shape[3:], start=3))
+    return ImageReadError(
+        f"Cannot use '{p}': it is a {len(shape)}D image of shape {shape} ({dims} volumes, e.g. time "
+        f"points or channels), not one 3D volume. Extract one volume first, e.g. with nibabel "
+        f"`img.slicer[..., 0]`, `fslroi in out 0 1`, or SimpleITK `image[:, :, :, 0]`."
+    )
+
+
+def _ensure_3d(data: np.ndarray, p: Path) -> np.ndarray:
+    shape = data.shape
+    if data.ndim < 3:
+        raise ImageReadError(
+            f"Cannot use '{p}': it is a {data.ndim}D image of shape {tuple(shape)}, not a 3D volume. "
+            f"Load the whole series or a 3D file (NIfTI, NRRD, DICOM folder)."
+        )
+    if data.ndim > 3:
+        if all(s == 1 for s in shape[3:]):
+            return data.reshape(shape[:3])
+        raise _four_d_error(p, shape)
+    return data
+
+
+def _check_finite(data: np.ndarray, p: Path, policy: str) -> tuple[np.ndarray, int]:
+    if not np.issubdtype(data.dtype, np.floating):
+        return data, 0
+    finite = np.isfinite(data)
+    if finite.all():
+        return data, 0
+    n_bad = int(data.size - np.count_nonzero(finite))
+    n_nan = int(np.count_nonzero(np.isnan(data)))
+    if policy == "error" or not finite.any():
+        raise ImageReadError(
+            f"Cannot use '{p}': {n_bad} of {data.size} voxels are not finite numbers "
+            f"({n_nan} NaN, {n_bad - n_nan} infinite). Fix the image (e.g. replace NaN by the background "
+            f"value), or read it with nonfinite='fill' to replace them by the lowest/highest finite value."
+        )
+    lo, hi = float(data[finite].min()), float(data[finite].max())
+    data = np.nan_to_num(data, nan=lo, neginf=lo, posinf=hi)
+    return data, n_bad
+
+
+def _as_label_dtype(data: np.ndarray, p: Path) -> np.ndarray:
+    """Check integer-valued, non-negative labels and return uint8 (or uint16 past 254)."""
+    if data.dtype == bool:
+        return data.astype(np.uint8)
+    if np.issubdtype(data.dtype, np.floating):
+        if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
+            raise ImageReadError(
+                f"'{p}' is not a label map: it holds non-integer values (e.g. a probability map or an "
+                f"intensity image). Threshold or round it to integer label ids first."
+            )
+    elif not np.issubdtype(data.dtype, np.integer):
+        raise ImageReadError(f"'{p}' is not a label map: its voxel type {data.dtype} is not numeric.")
+    if data.size == 0:
+        return data.astype(np.uint8)
+    lo, hi = data.min(), data.max()
+    if lo < 0:
+        raise ImageReadError(
+            f"'{p}' is not a valid label map: it holds negative values (min {lo}). Label ids must be "
+            f"0 (background) or positive integers."
+        )
+    if hi > np.iinfo(np.uint16).max:
+        raise ImageReadError(
+            f"'{p}' has label ids up to {hi}; at most 65535 label ids are supported. Renumber the labels."
+        )
+    return data.astype(np.uint8 if hi <= 254 else np.uint16)
+
+
+def _reorient_to_reference(data: np.ndarray, lab_aff: np.ndarray, ref_aff: np.ndarray):
+    """Map a label array stored as an axis permutation/flip of the reference grid onto it."""
+    import nibabel.orientations as nio
+
+    try:
+        t = nio.ornt_transform(nio.io_orientation(lab_aff), nio.io_orientation(ref_aff))
+    except Exception:
+        return data, lab_aff
+    if np.array_equal(t, [[0, 1], [1, 1], [2, 1]]):
+        return data, lab_aff
+    new_data = nio.apply_orientation(data, t)
+    new_aff = lab_aff @ nio.inv_ornt_aff(t, data.shape)
+    return new_data, new_aff
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    # SimpleITK messages start with the C++ source location; the useful text is usually last.
+    return lines[-1] if lines else type(exc).__name__

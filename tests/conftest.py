@@ -1,0 +1,125 @@
+"""Shared fixtures: the bundled sample data and the shared real-data cases (../shared/data).
+
+- `sample_dir`: /work/main/sample_data (cases that ship with the project).
+- `shared_data_dir`: <repo>/../shared/data; tests that need it are skipped with a clear reason
+  when it is absent (e.g. on CI or a user's machine).
+- `manifest`: the parsed shared_data_dir/manifest.json (list of case dicts), keyed by case id.
+- Parametrisation: a test that takes `sample_case` runs once per sample_data case folder, one
+  that takes `shared_case` once per ../shared/data case folder (a single skipped case if absent),
+  and one that takes `data_case` once per case of both (ids "sample/<case>", "shared/<case>").
+- `write_dicom_series`: a function fixture that writes a synthetic DICOM series with SimpleITK.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_DIR = REPO_ROOT / "sample_data"
+SHARED_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_ABSENT_REASON = (
+    f"../shared/data is absent (looked in {SHARED_DATA_DIR}): these tests need the team's real "
+    f"labelled volumes, which are not shipped with the project; they run only where that folder exists."
+)
+
+
+def case_dirs(root: Path) -> list[Path]:
+    """Case folders under `root` that hold image.nii.gz and label.nii.gz, sorted by name."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if (p / "image.nii.gz").is_file() and (p / "label.nii.gz").is_file())
+
+
+def require_shared_data() -> Path:
+    """Return ../shared/data, or skip the calling test with a clear reason when it is absent."""
+    if not SHARED_DATA_DIR.is_dir():
+        pytest.skip(SHARED_ABSENT_REASON)
+    return SHARED_DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    return SAMPLE_DIR
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    return require_shared_data()
+
+
+@pytest.fixture(scope="session")
+def manifest(shared_data_dir: Path) -> dict[str, dict]:
+    path = shared_data_dir / "manifest.json"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent: the shared data has no manifest.")
+    cases = json.loads(path.read_text())
+    return {c["id"]: c for c in cases}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "sample_case" in metafunc.fixturenames:
+        dirs = case_dirs(SAMPLE_DIR)
+        params = [pytest.param(d, id=d.name) for d in dirs] or [
+            pytest.param(None, id="no-sample-data", marks=pytest.mark.skip(reason=f"{SAMPLE_DIR} holds no cases."))
+        ]
+        metafunc.parametrize("sample_case", params)
+    if "shared_case" in metafunc.fixturenames:
+        dirs = case_dirs(SHARED_DATA_DIR)
+        params = [pytest.param(d, id=d.name) for d in dirs] or [
+            pytest.param(None, id="shared-data-absent", marks=pytest.mark.skip(reason=SHARED_ABSENT_REASON))
+        ]
+        metafunc.parametrize("shared_case", params)
+    if "data_case" in metafunc.fixturenames:
+        params = [pytest.param(d, id=f"sample/{d.name}") for d in case_dirs(SAMPLE_DIR)]
+        shared = case_dirs(SHARED_DATA_DIR)
+        params += [pytest.param(d, id=f"shared/{d.name}") for d in shared] or [
+            pytest.param(None, id="shared-data-absent", marks=pytest.mark.skip(reason=SHARED_ABSENT_REASON))
+        ]
+        metafunc.parametrize("data_case", params)
+
+
+def _write_dicom_series(folder, image, *, series_uid: str, modality: str = "CT", description: str = ""):
+    """Write a 3D SimpleITK image (LPS geometry) as one DICOM file per slice into `folder`.
+
+    Sets the tags a series reader needs: series/study UIDs, ImagePositionPatient (0020|0032) from
+    each slice's physical origin, ImageOrientationPatient (0020|0037) from the direction's first two
+    columns, instance number, modality and slice thickness. Returns the list of written files.
+    """
+    import SimpleITK as sitk
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    d = image.GetDirection()
+    iop = "\\".join(f"{v:.10g}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    files = []
+    for k in range(image.GetDepth()):
+        sl = image[:, :, k]
+        ipp = "\\".join(f"{v:.10g}" for v in image.TransformIndexToPhysicalPoint((0, 0, k)))
+        tags = {
+            "0008|0060": modality,
+            "0008|103e": description,
+            "0020|000d": series_uid.rsplit(".", 1)[0] + ".1",
+            "0020|000e": series_uid,
+            "0008|0018": f"{series_uid}.{k + 1}",
+            "0020|0013": str(k + 1),
+            "0020|0032": ipp,
+            "0020|0037": iop,
+            "0018|0050": f"{image.GetSpacing()[2]:.10g}",
+        }
+        for key, value in tags.items():
+            sl.SetMetaData(key, value)
+        out = folder / f"{series_uid.rsplit('.', 1)[-1]}_{k:03d}.dcm"
+        writer.SetFileName(str(out))
+        writer.Execute(sl)
+        files.append(out)
+    return files
+
+
+@pytest.fixture
+def write_dicom_series():
+    return _write_dicom_series
