@@ -69,6 +69,17 @@ def _progress_bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="slice", file=sys.stderr, disable=None, leave=False)
 
 
+def _check_output_folder(out: Path) -> None:
+    """Fail before any model work when the result could not be written anyway."""
+    import os
+
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise ValueError(f"Cannot write {out}: {folder} is not an existing folder. Create it or choose another --out.")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"Cannot write {out}: no permission to write in {folder}. Choose another --out.")
+
+
 def cmd_segment(args) -> int:
     from .engine.prompts import load_prompts, parse_prompts
     from .engine.session import SegmentationSession
@@ -82,8 +93,7 @@ def cmd_segment(args) -> int:
         session.mode = args.mode
     session.stop_rules = _stop_rules(args)
     out = Path(args.out)
-    if out.parent and not out.parent.exists():
-        raise ValueError(f"The output folder {out.parent} does not exist; create it or choose another --out.")
+    _check_output_folder(out)
     predictor = session.predictor  # load the model before the progress bars start
     logging.getLogger(__name__).info("model %s on %s", predictor.spec.name, predictor.device)
     for obj in objects:
@@ -165,10 +175,23 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .model.registry import describe_models
+    from .model.registry import DEFAULT_MODEL, list_models
 
-    print(describe_models())
+    for spec in list_models():
+        default = "  (default)" if spec.name == DEFAULT_MODEL else ""
+        print(f"{spec.name}{default}\n    {spec.description}\n    input {spec.image_size}px, "
+              f"normalisation {spec.normalization}\n    weights: {spec.source}")
     return 0
+
+
+def _user_errors() -> tuple:
+    """Exceptions whose message is a sentence for the user: printed without a traceback."""
+    from .engine.propagation import PropagationCancelled
+    from .io import ImageReadError, LabelWriteError
+    from .model.errors import DeviceNotAvailableError, ModelLoadError
+
+    return (ImageReadError, LabelWriteError, ModelLoadError, DeviceNotAvailableError, PropagationCancelled,
+            ValueError, KeyError, IndexError, FileNotFoundError, PermissionError)
 
 
 def main(argv=None) -> int:
@@ -185,7 +208,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("cancelled: nothing was written.", file=sys.stderr)
         return EXIT_CANCELLED
-    except (ValueError, KeyError, IndexError, OSError, RuntimeError) as exc:
+    except _user_errors() as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -123,3 +123,17 @@ def _write_dicom_series(folder, image, *, series_uid: str, modality: str = "CT",
 @pytest.fixture
 def write_dicom_series():
     return _write_dicom_series
+
+
+@pytest.fixture(scope="session")
+def lite_medsam():
+    """The real LiteMedSAM weights, loaded once for the whole test session."""
+    from medsam_plugin.model.registry import load_model
+
+    return load_model("lite_medsam", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def embedding_cache_dir(tmp_path_factory):
+    """One on-disk embedding cache for all real-model tests: each slice is encoded once per run."""
+    return tmp_path_factory.mktemp("embeddings")

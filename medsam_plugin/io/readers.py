@@ -284,7 +284,7 @@ def _read_sitk_file(p: Path, fmt: str) -> tuple[np.ndarray, np.ndarray, dict]:
         image = reader.Execute()
     except Exception as exc:
         raise ImageReadError(
-            f"Cannot read '{p}' as a {fmt.upper()} image: the file is corrupt, truncated or not in that "
+            f"Cannot read '{p}' as {fmt.upper()}: the file is corrupt, truncated or not in that "
             f"format ({_first_line(exc)}). Export it again, or convert it to NIfTI (.nii.gz)."
         ) from exc
     header = {k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys()}

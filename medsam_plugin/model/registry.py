@@ -387,14 +387,26 @@ def _spec_for_file(family: str, path: Path, sha_known: str | None = None) -> Mod
     )
 
 
-def _load_strict(model: SamModel, state: Mapping[str, torch.Tensor], path: Path, label: str) -> None:
+def _build_and_load(family: str, state: Mapping[str, torch.Tensor], path: Path, label: str) -> SamModel:
+    """Build ``family`` without random initialisation (on the meta device) and load ``state`` strictly."""
+    with torch.device("meta"):
+        model = build_model(family)
     _check_state_dict(model, state, path, label)
+    state = {k: (v.float() if v.is_floating_point() and v.dtype != torch.float32 else v) for k, v in state.items()}
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:  # anything the pre-check did not catch
         raise ModelLoadError(
             f"The weights in '{path}' do not fit the {label} architecture: {str(exc).splitlines()[0][:300]}"
         ) from exc
+    for module in model.modules():
+        reset = getattr(module, "reset_nonpersistent_buffers", None)
+        if callable(reset):
+            reset()
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:  # a non-persistent buffer without a reset method: a bug in this package
+        raise RuntimeError(f"tensors left on the meta device after loading: {leftover[:5]}")
+    return model
 
 
 def _build_registered(spec: ModelSpec, weights: Path) -> SamModel:
@@ -410,9 +422,7 @@ def _build_registered(spec: ModelSpec, weights: Path) -> SamModel:
             "Load it by its path (load_model(path)); pass the base weights with checkpoint=... if needed."
         )
     state = _as_state_dict(obj, weights)
-    model = build_model(spec.family)
-    _load_strict(model, state, weights, f"'{spec.name}' ({_FAMILY_TEXT[spec.family]})")
-    return model
+    return _build_and_load(spec.family, state, weights, f"'{spec.name}' ({_FAMILY_TEXT[spec.family]})")
 
 
 def _registered_weights(spec: ModelSpec, checkpoint: str | os.PathLike | None) -> Path:
@@ -437,12 +447,13 @@ def _load_finetuned(obj: Any, path: Path, checkpoint: str | os.PathLike | None) 
         )
     base_spec = REGISTRY[base]
     state = ckpt["state_dict"]
-    template = build_model(base_spec.family)
+    with torch.device("meta"):
+        template = build_model(base_spec.family)
     label = f"'{base}' ({_FAMILY_TEXT[base_spec.family]}) fine-tuned"
     full = all(k in state for k in template.state_dict())
     if full:
-        model, weights_path = template, path
-        _load_strict(model, state, path, label)
+        weights_path = path
+        model = _build_and_load(base_spec.family, state, path, label)
     else:
         _check_state_dict(template, state, path, label, partial=True)
         del template
@@ -525,8 +536,7 @@ def load_model(
                     "Give a LiteMedSAM, MedSAM or SAM checkpoint."
                 )
             spec = _spec_for_file(family, path)
-            model = build_model(family)
-            _load_strict(model, state, path, _FAMILY_TEXT[family])
+            model = _build_and_load(family, state, path, _FAMILY_TEXT[family])
             weights = path
     model.to(dev).eval()
     return LoadedModel(sam=model, spec=spec, device=dev, weights_path=weights, meta=meta)

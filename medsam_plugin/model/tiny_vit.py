@@ -19,6 +19,7 @@ left out: this module is for inference and light fine-tuning.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -118,6 +119,12 @@ class ConvStage(nn.Module):
         return x
 
 
+@functools.lru_cache(maxsize=8)
+def _offset_index_cpu(window_size: int) -> torch.Tensor:
+    with torch.device("cpu"):
+        return _window_offset_index(window_size)
+
+
 def _window_offset_index(window_size: int) -> torch.Tensor:
     """(N, N) long index into the per-offset bias table, N = window_size**2.
 
@@ -148,8 +155,14 @@ class WindowAttention(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.window_size = window_size
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, window_size * window_size))
         self.register_buffer("attention_bias_idxs", _window_offset_index(window_size), persistent=False)
+
+    def reset_nonpersistent_buffers(self) -> None:
+        """Recompute buffers that are not in the state_dict (after building on the meta device)."""
+        device = self.attention_biases.device
+        self.attention_bias_idxs = _offset_index_cpu(self.window_size).to(device, copy=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape

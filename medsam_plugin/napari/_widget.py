@@ -1,0 +1,1154 @@
+"""The MedSAM dock widget: a thin Qt adapter over `engine.session.SegmentationSession`.
+
+Workflow (docs/NAPARI.md): open a scan, draw a box (or click points) on one slice, press S to
+segment it, P to propagate through the volume, correct a slice with clicks (S again), paint with
+napari's label tools if needed, then export. Every handler is a plain method (tests call them);
+the keyboard shortcuts in `SHORTCUTS` call the same methods.
+
+Threading: model loading, slice encoding, propagation and precomputation run in napari
+`thread_worker`s via `_tasks.start_task` (inline with MEDSAM_PLUGIN_INLINE=1). While a task runs
+the Labels layer is read-only, so the user's painting can never race a propagation.
+
+Labels: the session's `LabelVolume` is the truth. The napari Labels layer shows it plus, at most,
+one pending (not yet accepted) slice preview. Painting in the layer is pushed into the session
+(`LabelVolume.set_array`, undoable) before any engine call, so the engine's overlap rule
+(first claim wins) protects painted voxels from other objects' propagation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from qtpy.QtCore import Qt
+from qtpy.QtGui import QColor, QIcon, QPixmap
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGridLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QInputDialog,
+    QLabel,
+    QListWidget,
+    QListWidgetItem,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from . import _autosave
+from ._reader import META_AXIS, META_COLORS, META_NAMES, META_SOURCE, META_VOLUME, layer_geometry
+from ._tasks import Task, start_task
+
+log = logging.getLogger(__name__)
+
+MODELS = ("lite_medsam", "medsam_vit_b", "sam_vit_b")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+WINDOWS = {  # name -> (level, width) in HU; "mr" = percentile normalisation
+    "abdomen": (40.0, 400.0),
+    "lung": (-600.0, 1500.0),
+    "brain": (40.0, 80.0),
+    "bone": (400.0, 1800.0),
+}
+WINDOW_CHOICES = ("abdomen", "lung", "brain", "bone", "custom", "mr")
+
+# key -> (method name, arguments, description); bound on the viewer and on the plugin's layers.
+SHORTCUTS = {
+    "S": ("segment_slice", (), "segment this slice from its prompts"),
+    "A": ("accept", (), "accept the slice result"),
+    "P": ("propagate", ("both",), "propagate up and down"),
+    "U": ("propagate", ("up",), "propagate up (towards higher slice numbers)"),
+    "D": ("propagate", ("down",), "propagate down (towards lower slice numbers)"),
+    "X": ("stop_here", (), "stop the object at this slice"),
+    "C": ("clear_object", (), "clear the current object"),
+    "N": ("add_object", (), "new object"),
+    "Control-Z": ("undo", (), "undo"),
+    "Control-Shift-Z": ("redo", (), "redo"),
+}
+
+LAYER_FG = "MedSAM + points"
+LAYER_BG = "MedSAM - points"
+LAYER_BOX = "MedSAM boxes"
+LAYER_LABELS = "MedSAM labels"
+
+
+def _notify(kind: str, message: str) -> None:
+    from napari.utils import notifications
+
+    {"info": notifications.show_info, "warning": notifications.show_warning,
+     "error": notifications.show_error}[kind](message)
+
+
+def _swatch(rgb) -> QIcon:
+    pix = QPixmap(14, 14)
+    pix.fill(QColor(*[int(c) for c in rgb[:3]]))
+    return QIcon(pix)
+
+
+class MedSAMWidget(QWidget):
+    """Interactive MedSAM segmentation of the selected scan.
+
+    Args:
+        napari_viewer: the viewer (napari passes it).
+        autosave_policy: what to do when an autosave of the opened scan exists: "ask" (notify
+            and enable the "Restore autosave" button), "restore" or "ignore". Default:
+            $MEDSAM_PLUGIN_AUTOSAVE or "ask".
+        inline: run long work in the GUI thread (tests, debugging); default $MEDSAM_PLUGIN_INLINE.
+    """
+
+    def __init__(self, napari_viewer, autosave_policy: str | None = None, inline: bool | None = None):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.autosave_policy = autosave_policy or os.environ.get("MEDSAM_PLUGIN_AUTOSAVE", "ask")
+        self.inline = inline
+        self.session = None
+        self.image_layer = None
+        self.labels_layer = None
+        self.fg_layer = None
+        self.bg_layer = None
+        self.box_layer = None
+        self.current_label: int | None = None
+        self.prompts: dict[int, dict] = {}  # label id -> {"fg": (N,3), "bg": (N,3), "boxes": [(4,3)]}
+        self.stop_slices: dict[int, set[int]] = {}
+        self.pending = None  # (label id, SlicePrediction) shown but not accepted
+        self.task: Task | None = None
+        self.autosave_folder: Path | None = None
+        self.autosave_enabled = True
+        self.timings: dict[str, list[float]] = {"segment_s": [], "propagation_step_s": []}
+        self._propagated: set[int] = set()
+        self._loaded_models: dict[tuple[str, str], object] = {}
+        self._updating = False
+        self._bound_keys: list[tuple[object, str]] = []
+        self._build_ui()
+        self.viewer.layers.events.inserted.connect(self._refresh_scan_choices)
+        self.viewer.layers.events.removed.connect(self._on_layer_removed)
+        self._refresh_scan_choices()
+        self._bind_keys(self.viewer)
+        if self.session is None:
+            candidates = [l for l in self._image_layers() if META_VOLUME in l.metadata]
+            if candidates:
+                self.start_session(candidates[-1])
+
+    # ================================================================== UI
+    def _build_ui(self) -> None:
+        root = QVBoxLayout(self)
+
+        scan = QGroupBox("Scan and model")
+        form = QFormLayout(scan)
+        self.scan_combo = QComboBox()
+        self.start_btn = QPushButton("Use this scan")
+        self.start_btn.clicked.connect(lambda: self.start_session())
+        row = QHBoxLayout()
+        row.addWidget(self.scan_combo, 1)
+        row.addWidget(self.start_btn)
+        form.addRow("Image", row)
+        self.model_combo = QComboBox()
+        self.model_combo.setEditable(True)
+        self.model_combo.addItems(MODELS)
+        self.model_combo.setToolTip("A registered model name, or the path of a fine-tuned checkpoint.")
+        browse = QPushButton("…")
+        browse.setMaximumWidth(30)
+        browse.setToolTip("Choose a checkpoint file")
+        browse.clicked.connect(self._browse_checkpoint)
+        row = QHBoxLayout()
+        row.addWidget(self.model_combo, 1)
+        row.addWidget(browse)
+        form.addRow("Model", row)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(DEVICES)
+        form.addRow("Device", self.device_combo)
+        self.window_combo = QComboBox()
+        self.window_combo.addItems(WINDOW_CHOICES)
+        self.level_spin = QDoubleSpinBox()
+        self.width_spin = QDoubleSpinBox()
+        for spin, value in ((self.level_spin, 40.0), (self.width_spin, 400.0)):
+            spin.setRange(-4000.0, 6000.0)
+            spin.setValue(value)
+            spin.setEnabled(False)
+        self.width_spin.setMinimum(1.0)
+        self.window_combo.currentTextChanged.connect(self._on_window_choice)
+        self.level_spin.editingFinished.connect(lambda: self.set_window("custom"))
+        self.width_spin.editingFinished.connect(lambda: self.set_window("custom"))
+        row = QHBoxLayout()
+        row.addWidget(self.window_combo, 1)
+        row.addWidget(QLabel("L"))
+        row.addWidget(self.level_spin)
+        row.addWidget(QLabel("W"))
+        row.addWidget(self.width_spin)
+        form.addRow("Intensity", row)
+        root.addWidget(scan)
+
+        objects = QGroupBox("Objects")
+        lay = QVBoxLayout(objects)
+        self.object_list = QListWidget()
+        self.object_list.setMaximumHeight(120)
+        self.object_list.currentItemChanged.connect(self._on_object_item)
+        self.object_list.itemChanged.connect(self._on_object_renamed)
+        lay.addWidget(self.object_list)
+        row = QHBoxLayout()
+        for text, slot in (("Add [N]", lambda: self.add_object()), ("Rename", self._rename_clicked),
+                           ("Delete", lambda: self.delete_object())):
+            b = QPushButton(text)
+            b.clicked.connect(slot)
+            row.addWidget(b)
+        lay.addLayout(row)
+        root.addWidget(objects)
+
+        prompts = QGroupBox("Prompts on the current slice")
+        row = QHBoxLayout(prompts)
+        for text, slot, tip in (
+            ("Box", self.activate_box_tool, "Draw a box around the structure (rectangle tool)"),
+            ("+ Point", lambda: self.activate_point_tool(True), "Click inside the structure"),
+            ("- Point", lambda: self.activate_point_tool(False), "Click on what must be excluded"),
+            ("Clear prompts", self.clear_prompts_on_slice, "Remove the prompts of this slice"),
+        ):
+            b = QPushButton(text)
+            b.setToolTip(tip)
+            b.clicked.connect(slot)
+            row.addWidget(b)
+        root.addWidget(prompts)
+
+        actions = QGroupBox("Segment")
+        grid = QGridLayout(actions)
+        self.buttons: dict[str, QPushButton] = {}
+        specs = [
+            ("segment", "Segment slice [S]", self.segment_slice, 0, 0),
+            ("accept", "Accept [A]", self.accept, 0, 1),
+            ("both", "Propagate ↕ [P]", lambda: self.propagate("both"), 1, 0),
+            ("up", "Up ↑ [U]", lambda: self.propagate("up"), 1, 1),
+            ("down", "Down ↓ [D]", lambda: self.propagate("down"), 1, 2),
+            ("stop", "Stop here [X]", self.stop_here, 0, 2),
+            ("undo", "Undo [Ctrl+Z]", self.undo, 2, 0),
+            ("redo", "Redo", self.redo, 2, 1),
+            ("clear", "Clear object [C]", self.clear_object, 2, 2),
+        ]
+        for key, text, slot, r, c in specs:
+            b = QPushButton(text)
+            b.clicked.connect(lambda _=False, s=slot: s())
+            grid.addWidget(b, r, c)
+            self.buttons[key] = b
+        self.repropagate_check = QCheckBox("Re-propagate after a correction")
+        self.repropagate_check.setChecked(True)
+        grid.addWidget(self.repropagate_check, 3, 0, 1, 3)
+        self.precompute_btn = QPushButton("Precompute embeddings")
+        self.precompute_btn.setToolTip("Encode every slice in the background, so later prompts only decode.")
+        self.precompute_btn.clicked.connect(lambda: self.precompute())
+        grid.addWidget(self.precompute_btn, 4, 0, 1, 2)
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.setEnabled(False)
+        self.cancel_btn.clicked.connect(self.cancel)
+        grid.addWidget(self.cancel_btn, 4, 2)
+        root.addWidget(actions)
+
+        export = QGroupBox("Save")
+        row = QHBoxLayout(export)
+        self.export_btn = QPushButton("Export label map…")
+        self.export_btn.clicked.connect(lambda: self.export())
+        self.per_object_check = QCheckBox("+ one file per object")
+        self.restore_btn = QPushButton("Restore autosave")
+        self.restore_btn.setEnabled(False)
+        self.restore_btn.clicked.connect(lambda: self.restore_autosave())
+        row.addWidget(self.export_btn)
+        row.addWidget(self.per_object_check)
+        row.addWidget(self.restore_btn)
+        root.addWidget(export)
+
+        self.status = QLabel("Open a scan (File > Open, or File > Open Sample > MedSAM).")
+        self.status.setWordWrap(True)
+        root.addWidget(self.status)
+        keys = ", ".join(f"{k}: {d}" for k, (_, _, d) in SHORTCUTS.items())
+        self.setToolTip(f"Keyboard shortcuts — {keys}")
+        root.addStretch(1)
+
+    def _set_status(self, text: str) -> None:
+        self.status.setText(text)
+
+    def _browse_checkpoint(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "MedSAM checkpoint", "", "Checkpoints (*.pth *.pt *.ckpt)")
+        if path:
+            self.model_combo.setEditText(path)
+
+    # ================================================================== key bindings
+    def _bind_keys(self, target) -> None:
+        for key, (method, args, _) in SHORTCUTS.items():
+            def callback(_target=None, _m=method, _a=args):
+                getattr(self, _m)(*_a)
+
+            target.bind_key(key, callback, overwrite=True)
+            self._bound_keys.append((target, key))
+
+    def _unbind_keys(self) -> None:
+        for target, key in self._bound_keys:
+            try:
+                target.bind_key(key, None)
+            except Exception:
+                pass
+        self._bound_keys.clear()
+
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt name)
+        self.cancel()
+        self._unbind_keys()
+        super().closeEvent(event)
+
+    # ================================================================== scan / session
+    def _image_layers(self):
+        from napari.layers import Image
+
+        return [l for l in self.viewer.layers if isinstance(l, Image) and l.ndim == 3 and not l.rgb]
+
+    def _refresh_scan_choices(self, event=None) -> None:
+        current = self.scan_combo.currentText()
+        self.scan_combo.clear()
+        names = [l.name for l in self._image_layers()]
+        self.scan_combo.addItems(names)
+        if current in names:
+            self.scan_combo.setCurrentText(current)
+        if self.session is None and event is not None:
+            layer = getattr(event, "value", None)
+            if layer is not None and META_VOLUME in getattr(layer, "metadata", {}):
+                self.start_session(layer)
+
+    def _on_layer_removed(self, event=None) -> None:
+        self._refresh_scan_choices()
+        layer = getattr(event, "value", None)
+        if layer is not None and layer is self.image_layer:
+            self.cancel()
+            self.session = None
+            self.image_layer = None
+            self._set_status("The scan was closed. Open another scan and press 'Use this scan'.")
+
+    def _volume_of(self, layer):
+        """The source Volume of an image layer (from the reader), or one built from its transform."""
+        from ..io import Volume
+        from ..io.orientation import SliceView
+
+        vol = layer.metadata.get(META_VOLUME)
+        if vol is not None:
+            return vol, layer.metadata.get(META_AXIS, "axial")
+        # A layer from another reader: read its transform as the axial display frame (S, P, L).
+        ras_to_display = SliceView(np.eye(4), shape=(2, 2, 2), axis="axial").ras_to_display
+        data2world = np.asarray(layer._data_to_world.affine_matrix, dtype=np.float64)[-4:, -4:]
+        affine = np.linalg.inv(ras_to_display) @ data2world
+        data = np.asarray(layer.data)
+        modality = "CT" if np.nanmin(data) < -500 else "MR"
+        return Volume(data_ijk=data, affine_ras=affine, modality=modality, modality_source="guess"), "axial"
+
+    def start_session(self, layer=None) -> bool:
+        """Start segmenting `layer` (default: the image chosen in the panel). Returns success."""
+        from ..engine.session import SegmentationSession
+
+        if self._busy():
+            return False
+        if layer is None:
+            name = self.scan_combo.currentText()
+            if not name or name not in self.viewer.layers:
+                _notify("warning", "No 3D image is open: open a CT or MRI scan first (File > Open), then press 'Use this scan'.")
+                return False
+            layer = self.viewer.layers[name]
+        try:
+            volume, axis = self._volume_of(layer)
+            window = self._current_window(volume.modality)
+            self.session = SegmentationSession(volume, model=self.model_name(), device=self.device_name(),
+                                               axis=axis, window=window,
+                                               loaded_model=self._loaded_models.get((self.model_name(), self.device_name())))
+        except Exception as exc:
+            _notify("error", f"Could not start on '{layer.name}': {exc}")
+            return False
+        if tuple(self.session.shape_zyx) != tuple(layer.data.shape):
+            _notify("error", f"The layer '{layer.name}' has shape {layer.data.shape}, but its scan's view is "
+                             f"{self.session.shape_zyx}. Open the scan again with the MedSAM reader.")
+            self.session = None
+            return False
+        self.image_layer = layer
+        self.scan_combo.setCurrentText(layer.name)
+        if volume.modality == "MR":
+            self.window_combo.blockSignals(True)
+            self.window_combo.setCurrentText("mr")
+            self.window_combo.blockSignals(False)
+        self.prompts.clear()
+        self.stop_slices.clear()
+        self.pending = None
+        self._propagated.clear()
+        self.current_label = None
+        self.object_list.clear()
+        self._make_layers()
+        self._set_status(f"Scan: {volume.describe()}. Draw a box (or click points) on a slice, then press S.")
+        self.autosave_folder = None
+        src = layer.metadata.get(META_SOURCE) or (str(volume.source_path) if volume.source_path else None)
+        if src and Path(src).exists():
+            try:
+                self.autosave_folder = _autosave.autosave_dir(src)
+            except OSError:
+                self.autosave_folder = None
+        self.restore_btn.setEnabled(False)
+        if self.autosave_folder is not None and _autosave.exists(self.autosave_folder):
+            if self.autosave_policy == "restore":
+                self.restore_autosave()
+            elif self.autosave_policy == "ask":
+                self.restore_btn.setEnabled(True)
+                _notify("info", f"Earlier work on '{Path(src).name}' was autosaved: press 'Restore autosave' in "
+                                "the MedSAM panel to bring it back (new work will replace it).")
+        return True
+
+    def _layer_kwargs(self) -> dict:
+        return dict(layer_geometry(self.session.view))
+
+    def _make_layers(self) -> None:
+        """Create (or reset) the Labels and prompt layers over the session's scan."""
+        for name in (LAYER_LABELS, LAYER_BOX, LAYER_BG, LAYER_FG):
+            if name in self.viewer.layers:
+                self.viewer.layers.remove(name)
+        geo = self._layer_kwargs()
+        s = self.session
+        meta = {META_VOLUME: s.volume, META_AXIS: s.view.axis, META_NAMES: {}, META_COLORS: {}}
+        self._updating = True
+        try:
+            self.labels_layer = self.viewer.add_labels(s.labels.array.copy(), name=LAYER_LABELS, metadata=meta,
+                                                       opacity=0.55, **geo)
+            self.box_layer = self.viewer.add_shapes(ndim=3, name=LAYER_BOX, edge_color="yellow", face_color="transparent",
+                                                    edge_width=1.5, **geo)
+            self.bg_layer = self.viewer.add_points(ndim=3, name=LAYER_BG, face_color="red", size=6,
+                                                   border_color="white", **geo)
+            self.fg_layer = self.viewer.add_points(ndim=3, name=LAYER_FG, face_color="lime", size=6,
+                                                   border_color="white", **geo)
+        finally:
+            self._updating = False
+        for layer in (self.box_layer, self.bg_layer, self.fg_layer):
+            layer.projection_mode = "none"
+        self.labels_layer.events.paint.connect(self._on_paint)
+        for layer in (self.labels_layer, self.box_layer, self.bg_layer, self.fg_layer, self.image_layer):
+            self._bind_keys(layer)
+        self.box_layer.mode = "add_rectangle"
+        self.viewer.layers.selection.active = self.box_layer
+
+    # ================================================================== settings
+    def model_name(self) -> str:
+        return self.model_combo.currentText().strip() or "lite_medsam"
+
+    def device_name(self) -> str:
+        return self.device_combo.currentText()
+
+    def _current_window(self, modality: str = "CT"):
+        choice = self.window_combo.currentText()
+        if choice == "mr" or modality == "MR":
+            return "mr"
+        if choice == "custom":
+            return (self.level_spin.value(), self.width_spin.value())
+        return WINDOWS[choice]
+
+    def _on_window_choice(self, choice: str) -> None:
+        custom = choice == "custom"
+        self.level_spin.setEnabled(custom)
+        self.width_spin.setEnabled(custom)
+        if choice in WINDOWS:
+            level, width = WINDOWS[choice]
+            self.level_spin.setValue(level)
+            self.width_spin.setValue(width)
+        self.set_window(choice)
+
+    def set_window(self, choice: str, level: float | None = None, width: float | None = None) -> None:
+        """Intensity preset ("abdomen", "lung", "brain", "bone", "custom", "mr") for display and model.
+
+        Changing the window changes what the model sees, so cached slice embeddings are dropped.
+        """
+        if choice == "custom" and level is not None and width is not None:
+            self.level_spin.setValue(level)
+            self.width_spin.setValue(width)
+        if self.window_combo.currentText() != choice:
+            self.window_combo.blockSignals(True)
+            self.window_combo.setCurrentText(choice)
+            self.window_combo.blockSignals(False)
+            self.level_spin.setEnabled(choice == "custom")
+            self.width_spin.setEnabled(choice == "custom")
+        if self.session is None or self._busy():
+            return
+        window = self._current_window(self.session.modality)
+        if window == self.session.window:
+            return
+        try:
+            self.session.set_window(window)
+        except Exception as exc:
+            _notify("error", f"Could not apply the intensity window: {exc}")
+            return
+        if window != "mr" and self.image_layer is not None:
+            lv, wd = window
+            self.image_layer.contrast_limits = (lv - wd / 2.0, lv + wd / 2.0)
+
+    # ================================================================== objects
+    def _color(self, label_id: int):
+        obj = self.session.labels.objects.get(label_id) if self.session else None
+        if obj is not None:
+            return obj.color
+        from ..io.colors import label_color
+
+        return label_color(label_id)
+
+    def _refresh_objects(self) -> None:
+        """Rebuild the list, the Labels colormap and the writer metadata from the session."""
+        if self.session is None:
+            return
+        from napari.utils.colormaps import DirectLabelColormap
+
+        objs = self.session.labels.objects
+        self.object_list.blockSignals(True)
+        self.object_list.clear()
+        for label_id, obj in sorted(objs.items()):
+            item = QListWidgetItem(_swatch(obj.color), f"{obj.name}")
+            item.setData(Qt.UserRole, label_id)
+            item.setToolTip(f"label id {label_id}")
+            item.setFlags(item.flags() | Qt.ItemIsEditable)
+            self.object_list.addItem(item)
+            if label_id == self.current_label:
+                self.object_list.setCurrentItem(item)
+        self.object_list.blockSignals(False)
+        if self.labels_layer is not None:
+            colors = {None: np.array([1.0, 1.0, 1.0, 1.0]), 0: np.zeros(4)}
+            for label_id, obj in objs.items():
+                colors[label_id] = np.array([*(c / 255.0 for c in obj.color[:3]), 1.0])
+            self.labels_layer.colormap = DirectLabelColormap(color_dict=colors)
+            self.labels_layer.metadata[META_NAMES] = {k: o.name for k, o in objs.items()}
+            self.labels_layer.metadata[META_COLORS] = {k: tuple(o.color) for k, o in objs.items()}
+            if self.current_label is not None:
+                self.labels_layer.selected_label = self.current_label
+
+    def add_object(self, name: str | None = None) -> int | None:
+        """Add an object (its own label id and colour) and make it current; returns its id."""
+        if not self._ready("add an object"):
+            return None
+        obj = self.session.add_object(name=name)
+        self.stop_slices.setdefault(obj.label_id, set())
+        self.select_object(obj.label_id)
+        self._set_status(f"New object '{obj.name}' (label {obj.label_id}): box or click it on a slice, then press S.")
+        return obj.label_id
+
+    def rename_object(self, label_id: int, name: str) -> None:
+        if self.session is None or label_id not in self.session.labels.objects or not name.strip():
+            return
+        self.session.labels.objects[label_id].name = name.strip()
+        self._refresh_objects()
+        self._autosave()
+
+    def _rename_clicked(self) -> None:
+        if self.current_label is None or self.session is None:
+            return
+        old = self.session.labels.objects[self.current_label].name
+        name, ok = QInputDialog.getText(self, "Rename object", "Name:", text=old)
+        if ok:
+            self.rename_object(self.current_label, name)
+
+    def _on_object_renamed(self, item) -> None:
+        label_id = item.data(Qt.UserRole)
+        if label_id is not None:
+            self.rename_object(int(label_id), item.text())
+
+    def delete_object(self, label_id: int | None = None) -> None:
+        """Remove an object and its voxels (the voxel removal is undoable)."""
+        if not self._ready("delete an object"):
+            return
+        label_id = self.current_label if label_id is None else label_id
+        if label_id is None or label_id not in self.session.labels.objects:
+            return
+        self._sync_paint()
+        self._drop_pending()
+        self.session.remove_object(label_id)
+        self.prompts.pop(label_id, None)
+        self.stop_slices.pop(label_id, None)
+        self._propagated.discard(label_id)
+        if self.current_label == label_id:
+            self.current_label = None
+            self._load_prompts(None)
+            remaining = sorted(self.session.labels.objects)
+            if remaining:
+                self.select_object(remaining[0])
+        self._refresh_objects()
+        self._show_labels()
+        self._autosave()
+
+    def _on_object_item(self, item, previous=None) -> None:
+        if item is not None and not self._updating:
+            self.select_object(int(item.data(Qt.UserRole)))
+
+    def select_object(self, label_id: int) -> None:
+        """Make `label_id` the object that prompts, segmenting and painting apply to."""
+        if self.session is None or label_id not in self.session.labels.objects:
+            return
+        if label_id != self.current_label:
+            self._store_prompts()
+            self._drop_pending()
+            self.current_label = label_id
+            self._load_prompts(label_id)
+        self._refresh_objects()
+
+    def _ensure_object(self) -> int:
+        if self.current_label is None or self.current_label not in self.session.labels.objects:
+            existing = sorted(self.session.labels.objects)
+            if existing:
+                self.select_object(existing[0])
+            else:
+                self.add_object()
+        return self.current_label
+
+    # ================================================================== prompts
+    def _store_prompts(self) -> None:
+        if self.current_label is None or self.fg_layer is None:
+            return
+        self.prompts[self.current_label] = {
+            "fg": np.asarray(self.fg_layer.data, dtype=np.float64).copy(),
+            "bg": np.asarray(self.bg_layer.data, dtype=np.float64).copy(),
+            "boxes": [np.asarray(b, dtype=np.float64).copy() for b in self.box_layer.data],
+        }
+
+    def _load_prompts(self, label_id: int | None) -> None:
+        if self.fg_layer is None:
+            return
+        p = self.prompts.get(label_id, {}) if label_id is not None else {}
+        self._updating = True
+        try:
+            self.fg_layer.data = np.asarray(p.get("fg", np.zeros((0, 3)))).reshape(-1, 3)
+            self.bg_layer.data = np.asarray(p.get("bg", np.zeros((0, 3)))).reshape(-1, 3)
+            self.box_layer.data = []
+            boxes = [np.asarray(b) for b in p.get("boxes", [])]
+            if boxes:
+                self.box_layer.add_rectangles(boxes, edge_color="yellow", face_color="transparent", edge_width=1.5)
+        finally:
+            self._updating = False
+
+    def current_z(self) -> int:
+        """The slice index (view frame) shown by the viewer."""
+        layer = self.image_layer
+        z = layer.world_to_data(self.viewer.dims.point)[0] if layer is not None else self.viewer.dims.current_step[0]
+        n = self.session.shape_zyx[0] if self.session else 1
+        return int(np.clip(round(float(z)), 0, n - 1))
+
+    def set_slice(self, z: int) -> None:
+        """Show slice z (view frame)."""
+        world = self.image_layer.data_to_world(np.array([z, 0, 0], dtype=float))
+        point = list(self.viewer.dims.point)
+        point[0] = float(world[0])
+        self.viewer.dims.point = point
+
+    def _prompts_on_slice(self, z: int):
+        """(points_yx (N,2), point_labels (N,), box_xyxy or None) of the prompt layers on slice z."""
+        pts, labs = [], []
+        for layer, lab in ((self.fg_layer, 1), (self.bg_layer, 0)):
+            data = np.asarray(layer.data, dtype=np.float64).reshape(-1, 3)
+            on = data[np.round(data[:, 0]).astype(int) == z]
+            pts.append(on[:, 1:])
+            labs.append(np.full(len(on), lab, dtype=np.int64))
+        points_yx = np.concatenate(pts) if pts else np.zeros((0, 2))
+        labels = np.concatenate(labs) if labs else np.zeros(0, np.int64)
+        box = None
+        for shape in self.box_layer.data:  # the latest box on this slice wins
+            s = np.asarray(shape, dtype=np.float64)
+            if s.shape[1] == 3 and np.all(np.round(s[:, 0]).astype(int) == z):
+                h, w = self.session.shape_zyx[1:]
+                y0, y1 = np.clip([s[:, 1].min(), s[:, 1].max()], 0, h - 1)
+                x0, x1 = np.clip([s[:, 2].min(), s[:, 2].max()], 0, w - 1)
+                box = np.array([x0, y0, x1, y1], dtype=np.float32)
+        if len(points_yx):
+            h, w = self.session.shape_zyx[1:]
+            inside = (points_yx[:, 0] >= 0) & (points_yx[:, 0] <= h - 1) & (points_yx[:, 1] >= 0) & (points_yx[:, 1] <= w - 1)
+            points_yx, labels = points_yx[inside], labels[inside]
+        return (points_yx if len(points_yx) else None), (labels if len(labels) else None), box
+
+    def add_box(self, box_xyxy, z: int | None = None) -> None:
+        """Add a box prompt (x0, y0, x1, y1 slice pixels) on slice z (default: the current one)."""
+        z = self.current_z() if z is None else int(z)
+        x0, y0, x1, y1 = [float(v) for v in box_xyxy]
+        rect = np.array([[z, y0, x0], [z, y0, x1], [z, y1, x1], [z, y1, x0]], dtype=np.float64)
+        self.box_layer.add_rectangles([rect], edge_color="yellow", face_color="transparent", edge_width=1.5)
+
+    def add_point(self, yx, positive: bool = True, z: int | None = None) -> None:
+        """Add a foreground (positive) or background point (row, col) on slice z."""
+        z = self.current_z() if z is None else int(z)
+        layer = self.fg_layer if positive else self.bg_layer
+        layer.add(np.array([[z, float(yx[0]), float(yx[1])]]))
+
+    def activate_box_tool(self) -> None:
+        if self.box_layer is not None:
+            self.viewer.layers.selection.active = self.box_layer
+            self.box_layer.mode = "add_rectangle"
+
+    def activate_point_tool(self, positive: bool = True) -> None:
+        layer = self.fg_layer if positive else self.bg_layer
+        if layer is not None:
+            self.viewer.layers.selection.active = layer
+            layer.mode = "add"
+
+    def clear_prompts_on_slice(self, z: int | None = None) -> None:
+        if self.fg_layer is None:
+            return
+        z = self.current_z() if z is None else z
+        for layer in (self.fg_layer, self.bg_layer):
+            data = np.asarray(layer.data).reshape(-1, 3)
+            layer.data = data[np.round(data[:, 0]).astype(int) != z]
+        keep = [s for s in self.box_layer.data if not np.all(np.round(np.asarray(s)[:, 0]).astype(int) == z)]
+        self.box_layer.data = []
+        if keep:
+            self.box_layer.add_rectangles(keep, edge_color="yellow", face_color="transparent", edge_width=1.5)
+
+    # ================================================================== labels display and painting
+    def _expected_layer(self) -> np.ndarray:
+        """What the Labels layer should show: the session's labels plus the pending preview."""
+        arr = self.session.labels.array.copy()
+        if self.pending is not None:
+            label_id, pred = self.pending
+            arr[pred.z] = self._preview_slice(label_id, pred.z, pred.mask_yx)
+        return arr
+
+    def _preview_slice(self, label_id: int, z: int, mask_yx: np.ndarray) -> np.ndarray:
+        """Slice z of the labels with `mask_yx` applied for `label_id` under the overlap rule."""
+        current = self.session.labels.array[z].copy()
+        current[current == label_id] = 0
+        current[mask_yx & (current == 0)] = label_id
+        return current
+
+    def _show_labels(self) -> None:
+        """Copy the session's labels (and pending preview) into the Labels layer."""
+        if self.labels_layer is None:
+            return
+        self._updating = True
+        try:
+            self.labels_layer.data[...] = self._expected_layer()
+            self.labels_layer.refresh()
+        finally:
+            self._updating = False
+
+    def _show_slice(self, z: int, slice_yx: np.ndarray) -> None:
+        self._updating = True
+        try:
+            self.labels_layer.data[z] = slice_yx
+            self.labels_layer.refresh()
+        finally:
+            self._updating = False
+
+    def _on_paint(self, event=None) -> None:
+        if self._updating or self.session is None or self._busy():
+            return
+        self._sync_paint()
+        self._autosave()
+
+    def _sync_paint(self) -> int:
+        """Push the user's painting in the Labels layer into the session (undoable); returns voxels changed."""
+        if self.session is None or self.labels_layer is None:
+            return 0
+        data = np.asarray(self.labels_layer.data)
+        expected = self._expected_layer()
+        if np.array_equal(data, expected):
+            return 0
+        if self.pending is not None:  # painting over a preview accepts it first
+            self._accept_pending()
+        changed = self.session.labels.set_array(data.astype(self.session.labels.array.dtype), what="paint")
+        new_ids = set(self.session.labels.objects)
+        for label_id in new_ids:
+            self.stop_slices.setdefault(label_id, set())
+        self._refresh_objects()
+        return changed
+
+    # ================================================================== tasks
+    def _busy(self) -> bool:
+        return self.task is not None and self.task.running
+
+    def _ready(self, what: str) -> bool:
+        if self.session is None:
+            _notify("warning", f"To {what}, open a CT or MRI scan first (File > Open, or File > Open Sample > "
+                               "MedSAM > Abdominal CT) and choose it in the MedSAM panel.")
+            return False
+        if self._busy():
+            _notify("warning", f"'{self.task.description}' is still running: wait for it to finish or press Cancel.")
+            return False
+        return True
+
+    def _run(self, make_gen, description, on_yield=None, on_return=None, on_finish=None):
+        self._set_busy(True, description)
+
+        def on_error(exc):
+            log.exception("%s failed", description, exc_info=exc)
+            _notify("error", f"{description} failed: {exc}")
+
+        def finished(cancelled):
+            self._set_busy(False)
+            if on_finish is not None:
+                on_finish(cancelled)
+
+        self.task = start_task(make_gen, description, on_yield=on_yield, on_return=on_return, on_error=on_error,
+                               on_finish=finished, inline=self.inline)
+        return self.task
+
+    def _set_busy(self, busy: bool, description: str = "") -> None:
+        self.cancel_btn.setEnabled(busy)
+        for b in self.buttons.values():
+            b.setEnabled(not busy)
+        self.precompute_btn.setEnabled(not busy)
+        self.export_btn.setEnabled(not busy)
+        if self.labels_layer is not None:
+            self.labels_layer.editable = not busy
+        if busy:
+            self._set_status(f"{description}… (Cancel stops it; nothing is changed until it finishes)")
+
+    def wait(self, timeout_s: float = 120.0) -> bool:
+        """Block (processing Qt events) until the running task ends; True when it ended."""
+        from qtpy.QtWidgets import QApplication
+
+        end = time.perf_counter() + timeout_s
+        while self._busy() and time.perf_counter() < end:
+            QApplication.processEvents()
+            time.sleep(0.005)
+        QApplication.processEvents()
+        return not self._busy()
+
+    def cancel(self) -> None:
+        """Stop the running task at its next step; a cancelled propagation changes nothing."""
+        if self._busy():
+            self.task.cancel()
+            self._set_status(f"Cancelling '{self.task.description}'…")
+
+    def _remember_model(self) -> None:
+        predictor = getattr(self.session, "_predictor", None)
+        if predictor is not None:
+            self._loaded_models[(self.model_name(), self.device_name())] = predictor.loaded
+
+    # ================================================================== segment one slice
+    def segment_slice(self):
+        """Segment the current object on the current slice from the prompts on that slice.
+
+        With a box: box (+ points). With points only on a slice the object already covers: a
+        correction (points + the current mask), accepted and re-propagated when the
+        "Re-propagate after a correction" box is ticked.
+        """
+        if not self._ready("segment a slice"):
+            return None
+        t0 = time.perf_counter()
+        self._sync_paint()
+        label_id = self._ensure_object()
+        z = self.current_z()
+        points_yx, point_labels, box = self._prompts_on_slice(z)
+        if points_yx is None and box is None:
+            _notify("warning", f"Slice {z} has no prompt: draw a box around the structure (Box tool) or click "
+                               "inside it (+ Point tool), then press S.")
+            return None
+        if self.pending is not None and self.pending[1].z == z and self.pending[0] == label_id and box is None:
+            self._accept_pending()  # refine what is shown rather than start over
+        covers = bool((self.session.labels.array[z] == label_id).any())
+        correction = box is None and covers
+        session = self.session
+
+        def work(cancel):
+            from ..engine.propagation import Progress
+
+            if not session.model_loaded:
+                yield Progress(0, 2, f"loading model {session.model_name}")
+                session.predictor  # noqa: B018 (loads the model in this thread)
+            if not session.predictor.has_embedding(z):
+                yield Progress(1, 2, f"encoding slice {z}")
+            return session.segment_slice(label_id, z, points_yx=points_yx, point_labels=point_labels, box_xyxy=box,
+                                         use_current_mask=correction, commit=False)
+
+        def done(pred):
+            self._remember_model()
+            self.pending = (label_id, pred)
+            self._show_slice(z, self._preview_slice(label_id, z, pred.mask_yx))
+            dt = time.perf_counter() - t0
+            self.timings["segment_s"].append(dt)
+            what = "corrected" if correction else "segmented"
+            self._set_status(f"Slice {z} {what} ({int(pred.mask_yx.sum())} px, predicted IoU {pred.iou:.2f}, "
+                             f"{dt * 1000:.0f} ms). A accepts, P propagates, more clicks refine.")
+            if correction and label_id in self._propagated and self.repropagate_check.isChecked():
+                self._accept_pending()
+                from qtpy.QtCore import QTimer
+
+                QTimer.singleShot(0, lambda: self.propagate("both"))
+
+        self._run(work, f"Segmenting slice {z}", on_return=done)
+        return self.task
+
+    def _accept_pending(self) -> bool:
+        if self.pending is None:
+            return False
+        label_id, pred = self.pending
+        self.pending = None
+        if label_id in self.session.labels.objects:
+            self.session.accept(label_id, pred)
+            return True
+        return False
+
+    def _drop_pending(self) -> None:
+        if self.pending is not None:
+            self.pending = None
+            self._show_labels()
+
+    def accept(self) -> None:
+        """Accept the shown slice result: it becomes a seed of the object and is autosaved."""
+        if not self._ready("accept a result"):
+            return
+        self._sync_paint()
+        if self._accept_pending():
+            self._show_labels()
+            self._autosave()
+            self._set_status("Accepted. Propagate with P (both), U (up) or D (down).")
+        else:
+            self._set_status("Nothing to accept: segment a slice first (S).")
+
+    # ================================================================== propagate
+    def propagate(self, direction: str = "both"):
+        """Propagate the current object from its seeds (up, down or both), slice by slice."""
+        if not self._ready("propagate"):
+            return None
+        self._sync_paint()
+        label_id = self._ensure_object()
+        self._accept_pending()
+        if not self.session.seeds.get(label_id):
+            _notify("warning", "This object has no segmented slice yet: box it on one slice, press S, then propagate.")
+            return None
+        rules = dataclasses.replace(self.session.stop_rules,
+                                    stop_slices=frozenset(self.stop_slices.get(label_id, set())))
+        session = self.session
+        self._show_labels()
+        state = {"last": None}
+
+        def work(cancel):
+            from ..engine.propagation import Progress
+
+            if not session.model_loaded:
+                yield Progress(0, 1, f"loading model {session.model_name}")
+                session.predictor  # noqa: B018
+            state["last"] = time.perf_counter()
+            result = yield from session.propagate(label_id, direction=direction, stop=rules, cancel=cancel)
+            return result
+
+        def step(progress):
+            if progress.z is None or progress.prediction is None:
+                return
+            now = time.perf_counter()
+            if state["last"] is not None:
+                self.timings["propagation_step_s"].append(now - state["last"])
+            self._show_slice(progress.z, self._preview_slice(label_id, progress.z, progress.prediction.mask_yx))
+            state["last"] = time.perf_counter()
+
+        def done(result):
+            self._remember_model()
+            self._propagated.add(label_id)
+            self._show_labels()
+            self._autosave()
+            zs = result.slices
+            why = "; ".join(f"{k}: {v}" for k, v in result.stopped.items())
+            self._set_status(f"Propagated to slices {zs[0]}–{zs[-1]} ({len(zs)} slices). {why}. "
+                             "Click points on a slice to correct it (S), or paint.")
+
+        def finish(cancelled):
+            if cancelled:
+                self._show_labels()  # the engine committed nothing: show the labels as they were
+                self._set_status("Propagation cancelled: the labels are as they were before.")
+                _notify("info", "Propagation cancelled: the labels are as they were before.")
+
+        self._run(work, f"Propagating {direction}", on_yield=step, on_return=done, on_finish=finish)
+        return self.task
+
+    def stop_here(self) -> None:
+        """Mark the current slice as the object's end: clear it there and beyond (away from its seeds)."""
+        if not self._ready("stop the object here"):
+            return
+        self._sync_paint()
+        label_id = self._ensure_object()
+        self._accept_pending()
+        z = self.current_z()
+        seeds = sorted(self.session.seeds.get(label_id, {}))
+        self.session.remove_seed(label_id, z)
+        n = self.session.shape_zyx[0]
+        if seeds and all(s < z for s in seeds):
+            zs = range(z, n)
+        elif seeds and all(s > z for s in seeds):
+            zs = range(0, z + 1)
+        else:
+            zs = [z]
+        self.stop_slices.setdefault(label_id, set()).add(z)
+        self.session.labels.clear_object(label_id, zs)
+        for s in list(self.session.seeds.get(label_id, {})):
+            if s in zs:
+                self.session.remove_seed(label_id, s)
+        self._show_labels()
+        self._autosave()
+        self._set_status(f"Object stops at slice {z}: later propagations will not enter it.")
+
+    # ================================================================== history
+    def undo(self) -> None:
+        """Undo the last change (a pending preview first, then the session's history)."""
+        if not self._ready("undo"):
+            return
+        self._sync_paint()
+        if self.pending is not None:
+            self._drop_pending()
+            self._set_status("Discarded the slice preview.")
+            return
+        what = self.session.undo()
+        self._show_labels()
+        self._refresh_objects()
+        if what:
+            self._autosave()
+        self._set_status(f"Undid: {what}." if what else "Nothing to undo.")
+
+    def redo(self) -> None:
+        if not self._ready("redo"):
+            return
+        self._sync_paint()
+        what = self.session.redo()
+        self._show_labels()
+        if what:
+            self._autosave()
+        self._set_status(f"Redid: {what}." if what else "Nothing to redo.")
+
+    def clear_object(self) -> None:
+        """Remove all voxels, seeds, prompts and stop slices of the current object (undoable voxels)."""
+        if not self._ready("clear an object"):
+            return
+        self._sync_paint()
+        if self.current_label is None:
+            return
+        label_id = self.current_label
+        self._drop_pending()
+        self.session.labels.clear_object(label_id)
+        for z in list(self.session.seeds.get(label_id, {})):
+            self.session.remove_seed(label_id, z)
+        self.stop_slices[label_id] = set()
+        self._propagated.discard(label_id)
+        self.prompts.pop(label_id, None)
+        self._load_prompts(None)
+        self._show_labels()
+        self._autosave()
+        self._set_status("Object cleared (Ctrl+Z brings the voxels back).")
+
+    # ================================================================== precompute
+    def precompute(self):
+        """Encode every slice in the background, with progress; cancellable."""
+        if not self._ready("precompute embeddings"):
+            return None
+        session = self.session
+
+        def work(cancel):
+            from ..engine.propagation import Progress
+
+            if not session.model_loaded:
+                yield Progress(0, 1, f"loading model {session.model_name}")
+                session.predictor  # noqa: B018
+            n = yield from session.precompute(cancel=cancel)
+            return n
+
+        def done(n):
+            self._remember_model()
+            self._set_status(f"Embeddings ready ({n} slices encoded): prompts now only decode.")
+
+        self._run(work, "Precomputing embeddings", on_return=done)
+        return self.task
+
+    # ================================================================== export / autosave
+    def export(self, path=None, per_object_dir=None):
+        """Write the label map (+ names and colour tables) on the source scan's grid.
+
+        path: output .nii.gz/.nii/.nrrd/.mha; asks with a file dialog when None.
+        per_object_dir: also write one file per object there (default: beside `path` when the
+            "one file per object" box is ticked).
+        """
+        if not self._ready("export"):
+            return None
+        self._sync_paint()
+        self._accept_pending()
+        if path is None:
+            start = ""
+            src = self.session.volume.source_path
+            if src is not None:
+                start = str(src.parent / "labels.nii.gz")
+            path, _ = QFileDialog.getSaveFileName(self, "Export label map", start,
+                                                  "Label maps (*.nii.gz *.nii *.nrrd *.mha)")
+            if not path:
+                return None
+        path = Path(path)
+        if not path.name.lower().endswith((".nii.gz", ".nii", ".nrrd", ".mha")):
+            path = path.with_name(path.name + ".nii.gz")
+        if per_object_dir is None and self.per_object_check.isChecked():
+            stem = path.name.split(".")[0]
+            per_object_dir = path.parent / f"{stem}_objects"
+        try:
+            written = self.session.save(path, per_object_dir=per_object_dir)
+        except Exception as exc:
+            _notify("error", f"Export failed: {exc}")
+            return None
+        self._set_status(f"Saved {path} ({len(self.session.labels.objects)} objects"
+                         f"{', one file each in ' + str(per_object_dir) if per_object_dir else ''}).")
+        _notify("info", f"Label map saved to {path}.")
+        return written
+
+    def _state(self) -> dict:
+        self._store_prompts()
+        s = self.session
+        return {
+            "format": "medsam_plugin.autosave/1",
+            "scan": str(s.volume.source_path) if s.volume.source_path else None,
+            "axis": s.view.axis,
+            "objects": [{"label_id": k, "name": o.name, "color": list(o.color)} for k, o in s.labels.objects.items()],
+            "current": self.current_label,
+            "prompts": {str(k): {"fg": v["fg"], "bg": v["bg"], "boxes": v["boxes"]} for k, v in self.prompts.items()},
+            "stop_slices": {str(k): sorted(v) for k, v in self.stop_slices.items()},
+            "seed_slices": {str(k): sorted(v) for k, v in s.seeds.items()},
+        }
+
+    def _autosave(self) -> None:
+        if not self.autosave_enabled or self.autosave_folder is None or self.session is None:
+            return
+        try:
+            _autosave.save(self.autosave_folder, self.session.labels.array, self._state())
+            self.restore_btn.setEnabled(False)
+        except Exception as exc:  # autosave must never break the work itself
+            log.warning("autosave failed: %s", exc)
+            _notify("warning", f"Autosave to {self.autosave_folder} failed ({exc}); export your work "
+                               "with 'Export label map' to be safe.")
+
+    def restore_autosave(self) -> bool:
+        """Bring back the autosaved labels, objects and prompts of this scan (undoable labels)."""
+        if not self._ready("restore the autosave"):
+            return False
+        if self.autosave_folder is None or not _autosave.exists(self.autosave_folder):
+            _notify("info", "There is no autosave for this scan.")
+            return False
+        try:
+            labels, state = _autosave.load(self.autosave_folder)
+        except Exception as exc:
+            _notify("error", f"The autosave in {self.autosave_folder} could not be read ({exc}); it was left as is.")
+            return False
+        if tuple(labels.shape) != tuple(self.session.shape_zyx):
+            _notify("warning", "The autosave does not match this scan's size; it was not restored.")
+            return False
+        s = self.session
+        for obj in state.get("objects", []):
+            lid = int(obj["label_id"])
+            if lid not in s.labels.objects:
+                s.add_object(name=obj.get("name"), label_id=lid, color=tuple(obj.get("color") or ()) or None)
+            else:
+                s.labels.objects[lid].name = obj.get("name", s.labels.objects[lid].name)
+        s.labels.set_array(labels.astype(s.labels.array.dtype), what="restore autosave")
+        self.prompts = {
+            int(k): {"fg": np.asarray(v.get("fg", []), dtype=np.float64).reshape(-1, 3),
+                     "bg": np.asarray(v.get("bg", []), dtype=np.float64).reshape(-1, 3),
+                     "boxes": [np.asarray(b, dtype=np.float64) for b in v.get("boxes", [])]}
+            for k, v in state.get("prompts", {}).items()
+        }
+        self.stop_slices = {int(k): set(v) for k, v in state.get("stop_slices", {}).items()}
+        current = state.get("current")
+        self.current_label = None
+        if current is not None and int(current) in s.labels.objects:
+            self.select_object(int(current))
+        elif s.labels.objects:
+            self.select_object(sorted(s.labels.objects)[0])
+        self._refresh_objects()
+        self._show_labels()
+        self.restore_btn.setEnabled(False)
+        self._set_status(f"Restored the autosave of {state.get('saved_at', 'earlier')} "
+                         f"({len(s.labels.objects)} objects). Re-segment a slice (S) to continue propagating.")
+        return True
