@@ -6,6 +6,7 @@ The box-prompt test runs the real model on a real CT slice with LiteMedSAM's pre
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
@@ -71,11 +72,12 @@ def test_lite_medsam_loads_with_checksum(lite, tmp_path, monkeypatch):
 
 
 def test_strict_keys_match_the_published_weights(lite_state):
-    model = build_lite_medsam()
+    with torch.device("meta"):  # structure only, no random init
+        model = build_lite_medsam()
     ours = model.state_dict()
     assert set(ours) == set(lite_state)
     assert all(tuple(ours[k].shape) == tuple(v.shape) for k, v in lite_state.items())
-    model.load_state_dict(lite_state, strict=True)
+    model.load_state_dict(lite_state, strict=True, assign=True)
     n_encoder = sum(p.numel() for p in model.image_encoder.parameters())
     n_decoder = sum(p.numel() for p in model.mask_decoder.parameters())
     assert round(n_encoder / 1e6, 1) == 5.7 and round(n_decoder / 1e6, 1) == 4.1
@@ -240,8 +242,7 @@ def test_unbundled_model_needs_a_path():
 
 def test_finetuned_checkpoint_round_trip(lite, tmp_path):
     base_sd = {k: v.clone() for k, v in lite.sam.state_dict().items()}
-    model = build_lite_medsam()
-    model.load_state_dict(base_sd)
+    model = copy.deepcopy(lite.sam)
     with torch.no_grad():
         model.mask_decoder.iou_token.weight.add_(0.5)
         model.prompt_encoder.no_mask_embed.weight.mul_(2.0)

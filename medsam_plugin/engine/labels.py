@@ -13,17 +13,14 @@ from typing import Iterable
 
 import numpy as np
 
+from ..io.writers import label_dtype_for
+
 
 @dataclass
 class SegmentedObject:
     label_id: int
     name: str
     color: tuple[int, int, int]
-
-
-def label_dtype(max_label: int) -> np.dtype:
-    """uint8 up to 254 labels, uint16 beyond (never int64 on disk)."""
-    return np.dtype(np.uint8) if max_label <= 254 else np.dtype(np.uint16)
 
 
 class LabelVolume:
@@ -46,9 +43,9 @@ class LabelVolume:
             raise ValueError(f"Label ids run from 1 to 65535; got {label_id}.")
         if label_id in self.objects:
             raise ValueError(f"Label {label_id} is already used by '{self.objects[label_id].name}'.")
-        from ..io.colors import label_color
+        from ..io.colors import default_label_color
 
-        obj = SegmentedObject(label_id, name or f"object {label_id}", tuple(color or label_color(label_id)))
+        obj = SegmentedObject(label_id, name or f"object {label_id}", tuple(color or default_label_color(label_id)))
         self.objects[label_id] = obj
         return obj
 
@@ -149,4 +146,4 @@ class LabelVolume:
     def export_array(self) -> np.ndarray:
         """The labels in the smallest safe dtype: uint8, or uint16 past 254."""
         top = int(self.array.max()) if self.array.size else 0
-        return self.array.astype(label_dtype(max(top, max(self.objects, default=0))))
+        return self.array.astype(label_dtype_for(max(top, max(self.objects, default=0))))

@@ -8,8 +8,11 @@ from pathlib import Path
 from typing import Callable
 
 
-def atomic_write(path, write: Callable[[Path], None], suffix: str | None = None) -> Path:
+def atomic_write(path, write: Callable[[Path], None], suffix: str | None = None,
+                 check: Callable[[Path], None] | None = None) -> Path:
     """Call `write(tmp_path)` on a temporary file in the target's folder, then rename it over `path`.
+
+    `check(tmp_path)`, when given, runs before the rename and may raise to abandon the write.
 
     The temporary name keeps the target's suffixes (".nii.gz" stays ".nii.gz") so writers that
     pick a format from the name still work. On any failure the temporary file is removed and the
@@ -18,11 +21,13 @@ def atomic_write(path, write: Callable[[Path], None], suffix: str | None = None)
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     suffix = suffix if suffix is not None else "".join(path.suffixes)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=folder)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix if suffix.startswith(".tmp") else f".part{suffix}", dir=folder)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        if check is not None:
+            check(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

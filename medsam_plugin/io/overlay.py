@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .atomic import atomic_write
-from .colors import label_color
+from .colors import default_label_color
 
 
 def overlay_slice(image_u8_yx: np.ndarray, labels_yx: np.ndarray, colors: dict[int, tuple], alpha: float = 0.45
@@ -18,7 +18,7 @@ def overlay_slice(image_u8_yx: np.ndarray, labels_yx: np.ndarray, colors: dict[i
         if label_id == 0:
             continue
         mask = labels_yx == label_id
-        color = np.array(colors.get(int(label_id), label_color(int(label_id))), dtype=np.float32)
+        color = np.array(colors.get(int(label_id), default_label_color(int(label_id))), dtype=np.float32)
         rgb[mask] = (1 - alpha) * rgb[mask] + alpha * color
         rgb[mask & ~binary_erosion(mask)] = color
     return np.clip(rgb, 0, 255).astype(np.uint8)
@@ -32,7 +32,7 @@ def save_overlay_png(path, image_u8_zyx: np.ndarray, labels_zyx: np.ndarray, obj
     """
     from PIL import Image
 
-    colors = {k: getattr(o, "color", label_color(k)) for k, o in (objects or {}).items()}
+    colors = {k: getattr(o, "color", default_label_color(k)) for k, o in (objects or {}).items()}
     present = np.flatnonzero(labels_zyx.any(axis=(1, 2)))
     if present.size == 0:
         zs = np.linspace(0, image_u8_zyx.shape[0] - 1, n_slices).round().astype(int)

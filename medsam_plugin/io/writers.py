@@ -20,17 +20,17 @@ description) and `<stem>.ctbl` (3D Slicer colour table).
 
 from __future__ import annotations
 
-import colorsys
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
 from .readers import lps_to_ras_affine, ras_to_lps_geometry
+from .atomic import atomic_write
+from .colors import default_label_color, default_palette  # noqa: F401  (re-exported)
 from .volume import Volume
 
 __all__ = [
@@ -48,55 +48,11 @@ __all__ = [
 LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 _AFFINE_ATOL_MM = 1e-4
 
-# Twenty well-separated colours (RGB 0-255) for label ids 1..20; later ids continue on the
-# golden-angle hue wheel so neighbouring ids never look alike.
-_BASE_PALETTE: tuple[tuple[int, int, int], ...] = (
-    (230, 25, 75),  # red
-    (60, 180, 75),  # green
-    (255, 225, 25),  # yellow
-    (0, 130, 200),  # blue
-    (245, 130, 48),  # orange
-    (145, 30, 180),  # purple
-    (70, 240, 240),  # cyan
-    (240, 50, 230),  # magenta
-    (210, 245, 60),  # lime
-    (250, 190, 212),  # pink
-    (0, 128, 128),  # teal
-    (220, 190, 255),  # lavender
-    (170, 110, 40),  # brown
-    (255, 250, 200),  # beige
-    (128, 0, 0),  # maroon
-    (170, 255, 195),  # mint
-    (128, 128, 0),  # olive
-    (255, 215, 180),  # apricot
-    (0, 0, 128),  # navy
-    (128, 128, 128),  # grey
-)
-
-
 class LabelWriteError(Exception):
     """A label map (or a sidecar) could not be written; nothing partial was left behind."""
 
 
 # -- colours --------------------------------------------------------------------------------
-def default_label_color(label_id: int) -> tuple[int, int, int]:
-    """A distinct RGB colour (0-255) for a label id; 0 (background) is black."""
-    label_id = int(label_id)
-    if label_id <= 0:
-        return (0, 0, 0)
-    if label_id <= len(_BASE_PALETTE):
-        return _BASE_PALETTE[label_id - 1]
-    hue = (label_id * 0.618033988749895) % 1.0
-    sat = 0.55 + 0.35 * ((label_id * 7) % 3) / 2
-    r, g, b = colorsys.hsv_to_rgb(hue, sat, 0.95)
-    return (int(round(r * 255)), int(round(g * 255)), int(round(b * 255)))
-
-
-def default_palette(label_ids: Iterable[int]) -> dict[int, tuple[int, int, int]]:
-    """{id: (r, g, b)} with `default_label_color` for each id."""
-    return {int(i): default_label_color(int(i)) for i in label_ids}
-
-
 def _rgba255(color) -> tuple[int, int, int, int]:
     """(r, g, b[, a]) as 0-255 ints, or as floats in [0, 1] -> (r, g, b, a) 0-255 ints."""
     c = [float(v) for v in color]
@@ -141,24 +97,12 @@ def label_dtype_for(max_label: int) -> np.dtype:
 
 # -- atomic file helper ---------------------------------------------------------------------
 def _atomic_write(final: Path, write_fn: Callable[[Path], None], check_fn: Callable[[Path], None] | None = None) -> None:
-    """Write via `write_fn(tmp)` to a temp file beside `final`, check it, then os.replace.
-
-    The temp name keeps the full suffix (e.g. '.nii.gz') so writers pick the right format.
-    """
+    """`atomic_write` with the label writers' suffix rule and check, failing as LabelWriteError."""
     final = Path(final)
     suffix = next((s for s in sorted(LABEL_SUFFIXES, key=len, reverse=True) if final.name.lower().endswith(s)), "")
-    suffix = suffix or "".join(final.suffixes[-1:])
-    tmp: Path | None = None
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{suffix}", dir=final.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        write_fn(tmp)
-        if check_fn is not None:
-            check_fn(tmp)
-        os.replace(tmp, final)
-        tmp = None
+        atomic_write(final, write_fn, suffix=f".tmp{suffix or ''.join(final.suffixes[-1:])}", check=check_fn)
     except LabelWriteError:
         raise
     except Exception as exc:
@@ -167,12 +111,6 @@ def _atomic_write(final: Path, write_fn: Callable[[Path], None], check_fn: Calla
             f"that the folder exists and is writable and that the disk has free space, or choose "
             f"another output path."
         ) from exc
-    finally:
-        if tmp is not None:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
 
 
 # -- main writer ----------------------------------------------------------------------------

@@ -9,6 +9,8 @@ Output 0 is the single-mask output; outputs 1..3 are the multimask (ambiguity) o
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,7 +44,10 @@ class Attention(nn.Module):
         q = self._heads(self.q_proj(q))
         k = self._heads(self.k_proj(k))
         v = self._heads(self.v_proj(v))
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, Nq, d)
+        # Explicit softmax attention (the sequences are short); it reproduces the published
+        # decoder's arithmetic exactly, which fused kernels do not.
+        attn = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, heads, Nq, Nk)
+        out = attn.softmax(dim=-1) @ v  # (B, heads, Nq, d)
         b, _, n, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, self.internal_dim))
 

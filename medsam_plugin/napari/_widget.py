@@ -102,11 +102,18 @@ class MedSAMWidget(QWidget):
             and enable the "Restore autosave" button), "restore" or "ignore". Default:
             $MEDSAM_PLUGIN_AUTOSAVE or "ask".
         inline: run long work in the GUI thread (tests, debugging); default $MEDSAM_PLUGIN_INLINE.
+        embedding_cache: folder for on-disk slice embeddings (keyed by slice content + model), so
+            reopening a scan does not re-encode it; default `<cache root>/embeddings`
+            (see `_autosave.cache_root`); False keeps them in memory only.
     """
 
-    def __init__(self, napari_viewer, autosave_policy: str | None = None, inline: bool | None = None):
+    def __init__(self, napari_viewer, autosave_policy: str | None = None, inline: bool | None = None,
+                 embedding_cache=None):
         super().__init__()
         self.viewer = napari_viewer
+        if embedding_cache is None:
+            embedding_cache = _autosave.cache_root() / "embeddings"
+        self.embedding_cache = Path(embedding_cache) if embedding_cache else None
         self.autosave_policy = autosave_policy or os.environ.get("MEDSAM_PLUGIN_AUTOSAVE", "ask")
         self.inline = inline
         self.session = None
@@ -358,7 +365,8 @@ class MedSAMWidget(QWidget):
             window = self._current_window(volume.modality)
             self.session = SegmentationSession(volume, model=self.model_name(), device=self.device_name(),
                                                axis=axis, window=window,
-                                               loaded_model=self._loaded_models.get((self.model_name(), self.device_name())))
+                                               loaded_model=self._loaded_models.get((self.model_name(), self.device_name())),
+                                               cache_dir=self.embedding_cache)
         except Exception as exc:
             _notify("error", f"Could not start on '{layer.name}': {exc}")
             return False
@@ -581,10 +589,12 @@ class MedSAMWidget(QWidget):
         if self.session is None or label_id not in self.session.labels.objects:
             return
         if label_id != self.current_label:
+            first = self.current_label is None  # prompts drawn before any object belong to this one
             self._store_prompts()
             self._drop_pending()
             self.current_label = label_id
-            self._load_prompts(label_id)
+            if not first or label_id in self.prompts:
+                self._load_prompts(label_id)
         self._refresh_objects()
 
     def _ensure_object(self) -> int:
@@ -810,6 +820,14 @@ class MedSAMWidget(QWidget):
         if self._busy():
             self.task.cancel()
             self._set_status(f"Cancelling '{self.task.description}'…")
+
+    def use_loaded_model(self, loaded) -> None:
+        """Use an already loaded model (`model.registry.LoadedModel`) for the current model/device choice."""
+        self._loaded_models[(self.model_name(), self.device_name())] = loaded
+        s = self.session
+        if (s is not None and not s.model_loaded and self.image_layer is not None and not s.labels.objects
+                and not s.labels.array.any()):
+            self.start_session(self.image_layer)  # nothing done yet: restart with the model
 
     def _remember_model(self) -> None:
         predictor = getattr(self.session, "_predictor", None)

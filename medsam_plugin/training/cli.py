@@ -1,5 +1,105 @@
-"""`medsam-plugin finetune` (the training pipeline lands with the fine-tuning work)."""
+"""`medsam-plugin finetune`: fine-tune the prompt encoder + mask decoder (or more) on a MONAI datalist.
+
+Single process::
+
+    medsam-plugin finetune --datalist dataset.json --out my_model.pth
+
+Data-parallel (same flags)::
+
+    torchrun --nproc_per_node=2 -m medsam_plugin.cli finetune --datalist dataset.json --out my_model.pth
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def _recipes(text: str | None) -> dict | None:
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        name, _, weight = part.partition("=")
+        out[name.strip()] = float(weight) if weight else 1.0
+    return out
 
 
 def add_finetune_parser(sub) -> None:
-    return None
+    """Add the `finetune` sub-command to the `medsam-plugin` sub-parsers."""
+    from .trainer import PROMPT_RECIPES, TRAIN_MODES
+
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a model on a Decathlon-style dataset.json (MONAI); runs under torchrun too",
+        description="Fine-tune LiteMedSAM's prompt encoder and mask decoder (default) with simulated "
+                    "propagation prompts. The result loads with --model PATH everywhere.",
+    )
+    p.add_argument("--datalist", required=True, help="Decathlon-style dataset.json ('training', optional 'validation')")
+    p.add_argument("--data-root", default=None, help="folder the datalist's paths are relative to (default: its folder)")
+    p.add_argument("--out", required=True, help="checkpoint to write (.pth); resume state goes to OUT.resume.pt")
+    p.add_argument("--model", default="lite_medsam", help="model to start from: registry name or checkpoint path")
+    p.add_argument("--train", default="decoder", choices=TRAIN_MODES,
+                   help="decoder: prompt encoder + mask decoder, encoder frozen and its embeddings cached (default, "
+                        "CPU-friendly); all: the whole model; lora: LoRA adapters on the encoder's qkv + decoder")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=1e-2)
+    p.add_argument("--patience", type=int, default=3, help="stop after this many epochs without validation gain")
+    p.add_argument("--labels", default=None, help="comma-separated label values to train on (default: the datalist's)")
+    p.add_argument("--window", default=None, help="CT window (abdomen, lung, brain, bone, mr, LEVEL,WIDTH); default by modality")
+    p.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"))
+    p.add_argument("--min-area", type=int, default=10, help="pixels of an object for a slice to count (default 10)")
+    p.add_argument("--cache-rate", type=float, default=1.0, help="MONAI CacheDataset cache rate (0 to debug)")
+    p.add_argument("--cache-dir", default=None,
+                   help="keep slice embeddings on disk here (default: memory only; ~/.cache/medsam_plugin under torchrun)")
+    p.add_argument("--no-embedding-cache", action="store_true",
+                   help="re-encode slices in every step instead of caching embeddings (slow; for comparison)")
+    p.add_argument("--samples-per-epoch", type=int, default=None, help="cap the samples an epoch draws")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop after this much wall time (checked per step)")
+    p.add_argument("--recipes", default=None,
+                   help=f"prompt recipe weights, e.g. 'pred=2,box=1' (known: {', '.join(PROMPT_RECIPES)})")
+    p.add_argument("--iou-weight", type=float, default=1.0, help="weight of the IoU-head MSE in the loss")
+    p.add_argument("--lora-rank", type=int, default=4)
+    p.add_argument("--fp16-weights", action="store_true", help="store the checkpoint's weights as float16 (half size)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT.resume.pt")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (torchrun: one GPU per process)")
+    p.add_argument("--json", default=None, help="write the training history here")
+
+
+def config_from_args(args):
+    from .trainer import PROMPT_RECIPES, FinetuneConfig
+
+    return FinetuneConfig(
+        datalist=args.datalist, out=args.out, data_root=args.data_root, base_model=args.model, train=args.train,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        patience=args.patience, objects=[int(v) for v in args.labels.split(",")] if args.labels else None,
+        window=args.window, axis=args.axis, min_area=args.min_area, cache_rate=args.cache_rate,
+        cache_dir=args.cache_dir, cache_embeddings=not args.no_embedding_cache,
+        samples_per_epoch=args.samples_per_epoch, max_minutes=args.max_minutes,
+        recipes=_recipes(args.recipes) or dict(PROMPT_RECIPES), iou_weight=args.iou_weight,
+        lora_rank=args.lora_rank, seed=args.seed, resume=args.resume, device=args.device,
+        fp16_weights=args.fp16_weights, progress=True,
+    )
+
+
+def cmd_finetune(args) -> int:
+    """Run `medsam-plugin finetune`; returns the exit status."""
+    from .trainer import finetune
+
+    result = finetune(config_from_args(args))
+    if result["rank"] == 0:
+        if args.json:
+            from ..io.atomic import atomic_write_text
+
+            atomic_write_text(args.json, json.dumps(result, indent=2, default=float))
+        print(f"wrote {result['checkpoint']} (best validation score {result['best_score']:.4f}; {result['stopped']})")
+    return 0
+
+
+if __name__ == "__main__":  # python -m medsam_plugin.training.cli ... (same as medsam-plugin finetune)
+    from ..cli import main
+
+    sys.exit(main(["finetune", *sys.argv[1:]]))

@@ -157,19 +157,24 @@ class WindowIntensity(Transform):
     (`engine.preprocessing.normalize_volume`): CT window (default abdomen 40/400) or MR 0.5-99.5
     percentiles of the non-zero voxels."""
 
-    def __init__(self, modality: str = "CT", window=None) -> None:
+    def __init__(self, modality: str = "auto", window=None) -> None:
         self.modality, self.window = modality, window
 
     def __call__(self, img, modality: str | None = None) -> np.ndarray:
         arr = _array(img)
         arr = arr[0] if arr.ndim == 4 else arr
-        return normalize_volume(arr, modality or self.modality, self.window)
+        modality = modality or self.modality
+        if modality is None or str(modality).lower() in ("auto", "unknown", ""):
+            from ..io.volume import guess_modality
+
+            modality = guess_modality(arr)
+        return normalize_volume(arr, modality, self.window)
 
 
 class WindowIntensityd(MapTransform):
     """Dictionary twin of `WindowIntensity`; a per-case ``modality`` key overrides the default."""
 
-    def __init__(self, keys: KeysCollection = "image", modality: str = "CT", window=None,
+    def __init__(self, keys: KeysCollection = "image", modality: str = "auto", window=None,
                  modality_key: str = "modality") -> None:
         super().__init__(keys)
         self.t = WindowIntensity(modality, window)
