@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--clicks", type=int, default=0, help="corrective click rounds after propagation")
     ev.add_argument("--json", default=None, help="write the report here")
     ev.add_argument("--data-root", default=None, help="folder the dataset.json paths are relative to")
+    ev.add_argument("--cache-dir", default=None, help="keep slice embeddings on disk here for re-runs")
     _add_model_args(ev)
 
     sub.add_parser("models", help="list the registered models and where their weights come from")
@@ -161,7 +162,8 @@ def cmd_evaluate(args) -> int:
     reports = []
     for case in cases:
         report = evaluate_case(case["image"], case["label"], labels=labels, clicks=args.clicks, mode=args.mode,
-                               axis=args.axis, window=args.window, loaded_model=loaded, stop=_stop_rules(args))
+                               axis=args.axis, window=args.window, loaded_model=loaded, stop=_stop_rules(args),
+                               cache_dir=args.cache_dir)
         _print_table(report)
         reports.append(report)
     out = reports[0] if len(reports) == 1 else {

@@ -58,7 +58,7 @@ def opened(make_napari_viewer, monkeypatch, plugin_cache, lite_medsam, spleen):
     layers = viewer.open(image_path, plugin="medsam-plugin")
     _, widget = viewer.window.add_plugin_dock_widget("medsam-plugin", "MedSAM segmentation")
     widget.use_loaded_model(lite_medsam)
-    assert widget.session is not None and widget.image_layer is layers[0]
+    assert widget.session is not None and widget.image_layer.name == layers[0].name
     return viewer, widget
 
 
@@ -84,7 +84,7 @@ def test_box_segment_propagate_undo_export(opened, spleen, qtbot, tmp_path):
     widget.set_slice(z)
     assert widget.current_z() == z
     widget.add_box(box)
-    assert viewer.layers.selection.active is widget.box_layer  # 'S' must beat the Shapes layer's own 'S'
+    assert viewer.layers.selection.active.name == widget.box_layer.name  # 'S' must beat the Shapes layer's own 'S'
     press(viewer, qtbot, Qt.Key_S)
     labels = widget.labels_layer
     assert widget.pending is not None

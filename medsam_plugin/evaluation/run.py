@@ -12,7 +12,7 @@ import numpy as np
 def evaluate_case(image_path, label_path, labels: Iterable[int] | None = None, clicks: int = 0,
                   model: str = "lite_medsam", device: str = "auto", mode: str | None = None, axis: str = "axial",
                   window=None, loaded_model=None, stop=None, label_names: dict | None = None,
-                  progress=None) -> dict:
+                  progress=None, cache_dir=None) -> dict:
     """Simulated-expert evaluation of one scan; returns the JSON-ready report.
 
     labels: label values to evaluate (all non-zero values present by default).
@@ -25,7 +25,7 @@ def evaluate_case(image_path, label_path, labels: Iterable[int] | None = None, c
     volume = read_volume(image_path)
     truth_ijk = read_labels(label_path, volume)
     session = SegmentationSession(volume, model=model, device=device, axis=axis, window=window,
-                                  loaded_model=loaded_model)
+                                  loaded_model=loaded_model, cache_dir=cache_dir)
     truth_zyx = session.view.to_view(truth_ijk)
     present = [int(v) for v in np.unique(truth_zyx) if v != 0]
     chosen = present if labels is None else [int(v) for v in labels]

@@ -342,7 +342,12 @@ class MedSAMWidget(QWidget):
             return vol, layer.metadata.get(META_AXIS, "axial")
         # A layer from another reader: read its transform as the axial display frame (S, P, L).
         ras_to_display = SliceView(np.eye(4), shape=(2, 2, 2), axis="axial").ras_to_display
-        data2world = np.asarray(layer._data_to_world.affine_matrix, dtype=np.float64)[-4:, -4:]
+        # data -> world matrix from public calls only (plugins get a public-only proxy of layers)
+        origin = np.asarray(layer.data_to_world(np.zeros(3)), dtype=np.float64)[-3:]
+        data2world = np.eye(4)
+        data2world[:3, 3] = origin
+        for d in range(3):
+            data2world[:3, d] = np.asarray(layer.data_to_world(np.eye(3)[d]), dtype=np.float64)[-3:] - origin
         affine = np.linalg.inv(ras_to_display) @ data2world
         data = np.asarray(layer.data)
         modality = "CT" if np.nanmin(data) < -500 else "MR"

@@ -60,6 +60,7 @@ def add_finetune_parser(sub) -> None:
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this much wall time (checked per step)")
     p.add_argument("--recipes", default=None,
                    help=f"prompt recipe weights, e.g. 'pred=2,box=1' (known: {', '.join(PROMPT_RECIPES)})")
+    p.add_argument("--max-val-pairs", type=int, default=64, help="validation slice pairs per epoch at most (default 64)")
     p.add_argument("--iou-weight", type=float, default=1.0, help="weight of the IoU-head MSE in the loss")
     p.add_argument("--lora-rank", type=int, default=4)
     p.add_argument("--fp16-weights", action="store_true", help="store the checkpoint's weights as float16 (half size)")
@@ -81,7 +82,7 @@ def config_from_args(args):
         samples_per_epoch=args.samples_per_epoch, max_minutes=args.max_minutes,
         recipes=_recipes(args.recipes) or dict(PROMPT_RECIPES), iou_weight=args.iou_weight,
         lora_rank=args.lora_rank, seed=args.seed, resume=args.resume, device=args.device,
-        fp16_weights=args.fp16_weights, progress=True,
+        fp16_weights=args.fp16_weights, progress=True, max_val_pairs=args.max_val_pairs,
     )
 
 

@@ -90,6 +90,7 @@ class FinetuneConfig:
     fp16_weights: bool = False
     progress: bool = True
     val_every: int = 6
+    max_val_pairs: int | None = 64
 
     def __post_init__(self) -> None:
         if self.train not in TRAIN_MODES:
@@ -338,6 +339,9 @@ class Trainer:
         else:
             val_items = None
             self.train_pairs, self.val_pairs = split_pairs(pairs, cfg.val_every)
+        if cfg.max_val_pairs and len(self.val_pairs) > cfg.max_val_pairs:  # evenly spread, deterministic
+            keep = np.linspace(0, len(self.val_pairs) - 1, cfg.max_val_pairs).round().astype(int)
+            self.val_pairs = [self.val_pairs[i] for i in keep]
         if cfg.cache_rate >= 1.0:  # cached: keep the materialised cases, nothing is re-read
             self.train_cases, self.val_cases = train_items, val_items
         else:  # partly cached (debug): cases are fetched through the dataset on every access
@@ -488,7 +492,7 @@ class Trainer:
                 batch = self._to_device(batch)
                 logits, iou_pred = self.forward(recipe, batch, model=self.module)
                 loss, _, _ = self.loss(logits, iou_pred, batch["target"])
-                total_loss[0] += float(loss) * len(logits)
+                total_loss[0] += float(loss.detach()) * len(logits)
                 total_loss[1] += len(logits)
                 metric(y_pred=(logits > 0).float(), y=batch["target"])
             buf = metric.get_buffer()
@@ -529,7 +533,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.requires_grad], 1.0)
             self.optimizer.step()
             b = len(logits)
-            sums[0] += float(loss) * b
+            sums[0] += float(loss.detach()) * b
             sums[1] += float(seg) * b
             sums[2] += float(iou) * b
             sums[3] += b
