@@ -43,6 +43,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", default=",".join(PROMPT_MODES))
     parser.add_argument("--min-iou", default="0.5", help="comma-separated overlap thresholds to compare")
+    parser.add_argument("--min-pred-iou", default="none", help="comma-separated predicted-IoU floors to compare")
+    parser.add_argument("--candidates", default="single", help="comma-separated candidate rules to compare")
     parser.add_argument("--model", default="lite_medsam")
     parser.add_argument("--cases", default=None, help="comma-separated case ids (default: all with labels above)")
     parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "medsam_plugin_bench_cache"))
@@ -53,6 +55,8 @@ def main(argv=None) -> int:
         return 0
     modes = args.modes.split(",")
     thresholds = [None if t in ("none", "") else float(t) for t in args.min_iou.split(",")]
+    floors = [None if t in ("none", "") else float(t) for t in args.min_pred_iou.split(",")]
+    rules = [(thr, floor, cand) for thr in thresholds for floor in floors for cand in args.candidates.split(",")]
     cases = args.cases.split(",") if args.cases else list(DEFAULT_LABELS)
     loaded = load_model(args.model)
     rows = []
@@ -60,23 +64,25 @@ def main(argv=None) -> int:
         volume = read_volume(SHARED / case / "image.nii.gz")
         truth_ijk = read_labels(SHARED / case / "label.nii.gz", volume)
         for label in DEFAULT_LABELS[case]:
-            for thr in thresholds:
+            for thr, floor, cand in rules:
                 for mode in modes:
                     start = time.perf_counter()
                     session = SegmentationSession(volume, loaded_model=loaded, cache_dir=args.cache_dir)
+                    session.candidates = cand
                     truth = session.view.to_view(truth_ijk) == label
                     score = simulate_object(session, truth, label, mode=mode,
-                                            stop=StopRules(min_iou_with_previous=thr))
-                    rows.append({"case": case, "label": label, "mode": mode, "min_iou": thr, "dice": score.dice,
+                                            stop=StopRules(min_iou_with_previous=thr, min_predicted_iou=floor))
+                    rows.append({"case": case, "label": label, "mode": mode, "min_iou": thr, "min_pred_iou": floor, "candidates": cand, "dice": score.dice,
                                  "nsd": score.nsd, "slices": score.slices_predicted, "truth_slices": score.slices_truth,
                                  "seconds": time.perf_counter() - start})
-                    print(f"{case:40s} {label:3d} iou>={thr} {mode:11s} dice {score.dice:.3f} nsd {score.nsd:.3f} "
+                    print(f"{case:40s} {label:3d} iou>={thr} pred>={floor} {cand:10s} {mode:11s} dice {score.dice:.3f} nsd {score.nsd:.3f} "
                           f"slices {score.slices_predicted}/{score.slices_truth} {rows[-1]['seconds']:.1f}s", flush=True)
-    print("\nmean Dice per mode and overlap threshold over", len({(r['case'], r['label']) for r in rows}), "objects")
-    for thr in thresholds:
+    print("\nmean Dice per mode and stop rule over", len({(r['case'], r['label']) for r in rows}), "objects")
+    for thr, floor, cand in rules:
         for mode in modes:
-            d = [r["dice"] for r in rows if r["mode"] == mode and r["min_iou"] == thr]
-            print(f"  min_iou {thr!s:5s} {mode:11s} {np.mean(d):.3f}")
+            d = [r["dice"] for r in rows if r["mode"] == mode and r["min_iou"] == thr and r["min_pred_iou"] == floor
+                 and r["candidates"] == cand]
+            print(f"  min_iou {thr!s:5s} min_pred_iou {floor!s:5s} {cand:10s} {mode:11s} {np.mean(d):.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

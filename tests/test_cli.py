@@ -45,10 +45,13 @@ def test_segment_writes_an_aligned_label_map_overlay_and_sidecars(sample_dir, tm
 
 @pytest.mark.model
 @pytest.mark.slow
-def test_evaluate_reports_dice_nsd_and_corrective_clicks(sample_dir, tmp_path, capsys, embedding_cache_dir):
+def test_evaluate_a_decathlon_datalist_with_corrective_clicks(sample_dir, tmp_path, capsys, embedding_cache_dir):
+    datalist = tmp_path / "dataset.json"
+    datalist.write_text(json.dumps({"labels": {"0": "background", "1": "spleen"}, "validation": [
+        {"image": f"{SPLEEN}/image.nii.gz", "label": f"{SPLEEN}/label.nii.gz"}]}))
     report_path = tmp_path / "report.json"
-    code = main(["evaluate", str(sample_dir / SPLEEN / "image.nii.gz"), str(sample_dir / SPLEEN / "label.nii.gz"),
-                 "--clicks", "1", "--json", str(report_path)])
+    code = main(["evaluate", str(datalist), "--data-root", str(sample_dir), "--clicks", "1",
+                 "--json", str(report_path), "--cache-dir", str(embedding_cache_dir)])
     assert code == 0
     report = json.loads(report_path.read_text())
     (obj,) = report["objects"]

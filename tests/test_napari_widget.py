@@ -42,9 +42,12 @@ def spleen(sample_dir):
 
 
 @pytest.fixture(scope="module")
-def plugin_cache(tmp_path_factory):
-    """One cache root (embeddings on disk) for the module: each slice is encoded once per run."""
-    return tmp_path_factory.mktemp("medsam_cache")
+def plugin_cache(tmp_path_factory, embedding_cache_dir):
+    """A cache root whose embeddings are the test session's shared on-disk cache: each slice is
+    encoded once per run (also across the engine's real-model tests)."""
+    root = tmp_path_factory.mktemp("medsam_cache")
+    (root / "embeddings").symlink_to(embedding_cache_dir, target_is_directory=True)
+    return root
 
 
 @pytest.fixture
@@ -138,7 +141,7 @@ def test_box_segment_propagate_undo_export(opened, spleen, qtbot, tmp_path):
     np.testing.assert_array_equal(np.asarray(img2.dataobj), np.asarray(img.dataobj))
 
 
-def test_painting_is_respected_by_other_objects(opened, spleen):
+def test_painting_is_respected_by_other_objects(opened, spleen, qtbot):
     viewer, widget = opened
     _, _, label_zyx, z, box = spleen
     widget.set_slice(z)
@@ -157,7 +160,8 @@ def test_painting_is_respected_by_other_objects(opened, spleen):
     labels.paint(centre, other)
     painted = np.asarray(labels.data) == other
     assert painted.sum() > 20
-    assert (widget.session.labels.array == other).sum() == painted.sum()  # synced by the paint event
+    # synced into the session after napari's paint event
+    qtbot.waitUntil(lambda: (widget.session.labels.array == other).sum() == painted.sum(), timeout=5000)
     # Propagating the spleen never takes the painted voxels.
     widget.select_object(spleen_id)
     widget.propagate("up")

@@ -26,7 +26,7 @@ class SlicePrediction:
     mask_yx: (H, W) bool, the chosen mask.
     logits_256: (256, 256) float32 low-res logits of the chosen mask (feed back as a mask prompt).
     iou: the model's predicted IoU of the chosen mask.
-    all_masks_yx / all_ious: every candidate when multimask output was asked for.
+    all_masks_yx / all_ious / all_logits_256: every candidate when multimask output was asked for.
     """
 
     z: int
@@ -35,6 +35,7 @@ class SlicePrediction:
     iou: float
     all_masks_yx: np.ndarray | None = None
     all_ious: np.ndarray | None = None
+    all_logits_256: np.ndarray | None = None
     prompt: dict = field(default_factory=dict)
 
 
@@ -64,7 +65,21 @@ class SlicePredictor:
     # ------------------------------------------------------------------ volume and embeddings
     @property
     def model_key(self) -> str:
-        return f"{self.spec.name}:{getattr(self.spec, 'sha256', None)}:{self.spec.image_size}:{self.spec.normalization}"
+        """Identifies the embeddings' numerics: model, preprocessing and the encoder path.
+
+        The model's own fp32 encoder keeps the plain key (so earlier disk caches stay valid); a
+        fast path (bf16, compiled...) adds its own `key`, so its embeddings never mix with fp32 ones.
+        """
+        key = f"{self.spec.name}:{getattr(self.spec, 'sha256', None)}:{self.spec.image_size}:{self.spec.normalization}"
+        if self._encoder is not None:
+            enc = self._encoder
+            key += ":" + str(getattr(enc, "key", None) or f"encoder={type(enc).__module__}.{type(enc).__qualname__}")
+        return key
+
+    @property
+    def preferred_batch(self) -> int:
+        """Slices per encoder call that the encoder path measured fastest (1 on CPU)."""
+        return max(1, int(getattr(self._encoder, "preferred_batch", 1) or 1))
 
     def set_volume(self, volume_u8_zyx: np.ndarray, signatures: bool | None = None) -> None:
         """Take a preprocessed (Z, H, W) uint8 volume; forgets embeddings of any earlier one."""
@@ -117,8 +132,13 @@ class SlicePredictor:
             self.cache.put(z, value)
         return torch.as_tensor(np.asarray(value, dtype=np.float32))[None].to(self.device)
 
-    def precompute(self, zs: Sequence[int] | None = None, batch_size: int = 1) -> Iterator[int]:
-        """Encode the slices not cached yet, `batch_size` at a time; yields how many are done."""
+    def precompute(self, zs: Sequence[int] | None = None, batch_size: int | None = None) -> Iterator[int]:
+        """Encode the slices not cached yet, `batch_size` at a time; yields how many are done.
+
+        batch_size: None picks the encoder path's `preferred_batch` (1 on CPU, where batching
+        measured no faster per slice; larger on CUDA).
+        """
+        batch_size = self.preferred_batch if batch_size is None else max(1, int(batch_size))
         todo = [z for z in (range(self.n_slices) if zs is None else zs) if z not in self.cache]
         done = 0
         for start in range(0, len(todo), batch_size):
@@ -204,6 +224,7 @@ class SlicePredictor:
             iou=float(ious[best]),
             all_masks_yx=masks_yx if multimask else None,
             all_ious=ious if multimask else None,
+            all_logits_256=low_res[0].float().cpu().numpy() if multimask else None,
             prompt={"points_yx": points_yx, "point_labels": point_labels, "box_xyxy": box_xyxy,
                     "mask": mask_logits_256 is not None},
         )

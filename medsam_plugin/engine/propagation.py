@@ -24,6 +24,11 @@ from .predictor import SlicePrediction
 #   box+points the box and that point
 PROMPT_MODES = ("box", "mask", "box+mask", "points", "box+points")
 DEFAULT_MODE = "box"
+# Which of the decoder's answers a propagated slice keeps:
+#   single      the decoder's single-mask output
+#   consistent  its three candidates, keeping the one that overlaps the previous slice's mask most
+CANDIDATE_RULES = ("single", "consistent")
+DEFAULT_CANDIDATES = "single"
 BOX_MARGIN_256 = 3.0
 
 
@@ -145,8 +150,16 @@ def prompt_from_previous(previous: SlicePrediction, mode: str, slice_hw: tuple[i
     return kwargs
 
 
+def choose_consistent(pred: SlicePrediction, previous: SlicePrediction) -> SlicePrediction:
+    """Keep the multimask candidate that best continues the previous slice's mask."""
+    overlaps = [mask_iou(m, previous.mask_yx) for m in pred.all_masks_yx]
+    best = int(np.argmax(overlaps))
+    return SlicePrediction(z=pred.z, mask_yx=pred.all_masks_yx[best], logits_256=pred.all_logits_256[best],
+                           iou=float(pred.all_ious[best]), prompt=pred.prompt)
+
+
 def _walk(predictor, start: SlicePrediction, targets: Iterable[int], mode: str, stop: StopRules,
-          seed_z: int, cancel: threading.Event | None = None) -> Generator[tuple[int, SlicePrediction | None, str | None], None, None]:
+          seed_z: int, cancel: threading.Event | None = None, candidates: str = DEFAULT_CANDIDATES) -> Generator[tuple[int, SlicePrediction | None, str | None], None, None]:
     """Visit `targets` in order from `start`; yields (z, prediction or None, stop reason or None)."""
     previous = start
     hw = predictor.volume.shape[1:]
@@ -155,7 +168,11 @@ def _walk(predictor, start: SlicePrediction, targets: Iterable[int], mode: str, 
             raise PropagationCancelled("Propagation was cancelled; nothing was changed.")
         reason = stop.allows(z, abs(z - seed_z))
         if reason is None:
-            pred = predictor.predict(z, **prompt_from_previous(previous, mode, hw))
+            if candidates == "consistent":
+                pred = choose_consistent(predictor.predict(z, multimask=True, **prompt_from_previous(previous, mode, hw)),
+                                         previous)
+            else:
+                pred = predictor.predict(z, **prompt_from_previous(previous, mode, hw))
             reason = stop.rejects(pred, previous)
             if reason is None:
                 yield z, pred, None
@@ -172,6 +189,7 @@ def propagate(
     stop: StopRules | None = None,
     direction: str = "both",
     cancel: threading.Event | None = None,
+    candidates: str = DEFAULT_CANDIDATES,
 ) -> Generator[Progress, None, PropagationResult]:
     """Propagate one object from its seeded slices through the predictor's volume.
 
@@ -182,6 +200,7 @@ def propagate(
         stop: the stop rules (defaults: non-empty mask, IoU with previous slice >= 0.5).
         direction: "both", "up" (increasing z) or "down".
         cancel: when set, the generator raises PropagationCancelled at the next slice.
+        candidates: one of CANDIDATE_RULES.
     Yields:
         Progress after each slice. Returns the PropagationResult (use `run_to_completion`).
     """
@@ -191,6 +210,8 @@ def propagate(
         raise ValueError(f"direction must be 'both', 'up' or 'down', not {direction!r}.")
     if mode not in PROMPT_MODES:
         raise ValueError(f"Unknown propagation mode {mode!r}; choose one of {', '.join(PROMPT_MODES)}.")
+    if candidates not in CANDIDATE_RULES:
+        raise ValueError(f"candidates must be one of {', '.join(CANDIDATE_RULES)}, not {candidates!r}.")
     stop = stop or StopRules()
     n = predictor.n_slices
     order = sorted(seeds)
@@ -211,7 +232,7 @@ def propagate(
     yield Progress(done, total, "propagating")
     for name, seed_z, targets in walks:
         visited = 0
-        for z, pred, reason in _walk(predictor, seeds[seed_z], targets, mode, stop, seed_z, cancel):
+        for z, pred, reason in _walk(predictor, seeds[seed_z], targets, mode, stop, seed_z, cancel, candidates):
             visited += 1
             done += 1
             if pred is None:

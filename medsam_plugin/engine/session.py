@@ -18,7 +18,7 @@ from .embedding_cache import EmbeddingCache
 from .labels import LabelVolume, SegmentedObject
 from .predictor import SlicePrediction, SlicePredictor
 from .preprocessing import normalize_volume, parse_window
-from .propagation import DEFAULT_MODE, Progress, PropagationResult, StopRules, propagate
+from .propagation import DEFAULT_CANDIDATES, DEFAULT_MODE, Progress, PropagationResult, StopRules, propagate
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class SegmentationSession:
         self.seeds: dict[int, dict[int, SlicePrediction]] = {}
         self._propagated: dict[int, dict[int, SlicePrediction]] = {}
         self.mode = DEFAULT_MODE
+        self.candidates = DEFAULT_CANDIDATES
         self.stop_rules = StopRules()
         self.window = parse_window(window)
         self.image_u8 = normalize_volume(self.image_zyx, self.modality, self.window)
@@ -170,7 +171,7 @@ class SegmentationSession:
             raise ValueError(f"Object {label_id} has no segmented slice yet: prompt it on one slice first.")
         predictor = self.predictor
         result = yield from propagate(predictor, seeds, mode=mode or self.mode, stop=stop or self.stop_rules,
-                                      direction=direction, cancel=cancel)
+                                      direction=direction, cancel=cancel, candidates=self.candidates)
         order = sorted(seeds)
         n = self.shape_zyx[0]
         if direction == "both":

@@ -1,11 +1,477 @@
-"""Choice of the image-encoder inference path for this machine.
+"""Fast inference paths for the TinyViT image encoder, and the choice of one for this machine.
 
-`make_encoder(loaded)` returns a callable (B,3,S,S) -> (B,256,64,64), or None for the model's
-own fp32 eager encoder.
+`make_encoder(loaded, mode="auto")` returns a callable ``(B, 3, S, S) float32 -> (B, 256, 64, 64)``
+(an `EncoderPath`), or None for the model's own fp32 eager encoder (models other than TinyViT).
+
+The fast encoder is an inference-only re-implementation of `tiny_vit.TinyViT`'s forward over the
+*same* weights (read from the loaded model, nothing duplicated on disk):
+
+- every conv + BatchNorm pair is folded into one conv with a bias (exact up to rounding);
+- activations stay channels-last ("NHWC") from the first conv to the neck, so the 1x1 convs are
+  plain matmuls (`F.linear`), the depthwise convs run in oneDNN's channels-last kernels and the
+  token <-> image changes between the attention blocks and their local convs cost no copy;
+- the window attention's bias table is gathered once, not at every call;
+- optionally bf16 weights and activations (``"bf16"``), where the CPU has native bf16 dot products
+  (AVX512-BF16 or AMX) or on CUDA; matmuls accumulate in fp32 inside oneDNN / cuBLAS, the output
+  is returned as float32.
+
+Modes: ``"fp32"`` (the model's own encoder, the reference), ``"fp32-fast"`` (the rewrite in fp32),
+``"bf16"`` (the rewrite in bf16), ``"auto"`` (bf16 where supported, else fp32-fast). The
+environment variable ``MEDSAM_ENCODER`` (same values) overrides the argument, so a user can force
+``MEDSAM_ENCODER=fp32`` without touching code. The choice and its reason are logged at INFO level.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
+import os
+import platform
+from dataclasses import dataclass
 
-def make_encoder(loaded):
-    return None
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+ENV_VAR = "MEDSAM_ENCODER"
+PATHS = ("fp32", "fp32-fast", "bf16", "openvino-f32", "openvino-bf16")
+MODES = ("auto", *PATHS)
+# Bumped whenever a path's numerics change, so disk caches never serve embeddings of an older version.
+PATH_VERSION = 2
+
+
+# ---------------------------------------------------------------------------------------- machine
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_model_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_bf16_support() -> tuple[bool, str]:
+    """(True, why) when this CPU computes bf16 matmuls natively (AMX or AVX512-BF16), else (False, why).
+
+    Without native bf16, oneDNN emulates it and bf16 is *slower* than fp32, so the fallback matters.
+    """
+    capability = torch.backends.cpu.get_cpu_capability()  # "DEFAULT", "AVX2", "AVX512", ...
+    flags = cpu_flags()
+    native = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    try:
+        mkldnn_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        mkldnn_bf16 = False
+    if native and mkldnn_bf16:
+        return True, f"CPU has {'+'.join(native)} (torch capability {capability}), oneDNN bf16 available"
+    if not native:
+        return False, f"CPU lacks amx_bf16/avx512_bf16 (torch capability {capability})"
+    return False, f"CPU has {'+'.join(native)} but this torch's oneDNN has no bf16 support"
+
+
+# ---------------------------------------------------------------------------------------- the rewrite
+def _fold(convbn) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of a `tiny_vit.ConvBN` with its BatchNorm folded in (eval statistics)."""
+    conv, bn = convbn.c, convbn.bn
+    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)  # (C_out,)
+    weight = conv.weight.detach() * scale[:, None, None, None]
+    bias = bn.bias.detach() - bn.running_mean * scale
+    return weight, bias
+
+
+class _PW(nn.Module):
+    """Folded 1x1 conv + BN as a matmul on (..., C_in) channels-last activations."""
+
+    def __init__(self, convbn):
+        super().__init__()
+        w, b = _fold(convbn)
+        self.weight = nn.Parameter(w[:, :, 0, 0].contiguous(), requires_grad=False)  # (C_out, C_in)
+        self.bias = nn.Parameter(b, requires_grad=False)
+
+    def forward(self, x):  # (B, H, W, C_in) -> (B, H, W, C_out)
+        return F.linear(x, self.weight, self.bias)
+
+
+class _DW(nn.Module):
+    """Folded depthwise 3x3 conv + BN on (B, H, W, C) activations (NCHW view, channels-last memory)."""
+
+    def __init__(self, convbn):
+        super().__init__()
+        w, b = _fold(convbn)
+        self.weight = nn.Parameter(w, requires_grad=False)
+        self.bias = nn.Parameter(b, requires_grad=False)
+        c = convbn.c
+        self.stride, self.padding, self.groups = c.stride, c.padding, c.groups
+
+    def forward(self, x):  # (B, H, W, C) -> (B, H', W', C)
+        y = F.conv2d(x.permute(0, 3, 1, 2), self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+        return y.permute(0, 2, 3, 1)  # a view when oneDNN returned channels-last, a copy otherwise
+
+
+class _MBConv(nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.conv1, self.conv2, self.conv3 = _PW(block.conv1), _DW(block.conv2), _PW(block.conv3)
+
+    def forward(self, x):  # (B, H, W, C)
+        y = F.gelu(self.conv1(x))
+        y = F.gelu(self.conv2(y))
+        return F.gelu(x + self.conv3(y))
+
+
+class _Merge(nn.Module):
+    def __init__(self, merge):
+        super().__init__()
+        self.conv1, self.conv2, self.conv3 = _PW(merge.conv1), _DW(merge.conv2), _PW(merge.conv3)
+
+    def forward(self, x):  # (B, H, W, C) -> (B, H', W', C_out)
+        x = F.gelu(self.conv1(x))
+        x = F.gelu(self.conv2(x))
+        return self.conv3(x)
+
+
+class _Block(nn.Module):
+    """TinyViT block on (B, H, W, C): windowed attention + residual, local conv, MLP + residual."""
+
+    def __init__(self, block):
+        super().__init__()
+        attn = block.attn
+        self.ws = block.window_size
+        self.heads, self.head_dim = attn.num_heads, attn.head_dim
+        self.norm1, self.qkv, self.proj = attn.norm, attn.qkv, attn.proj
+        bias = attn.attention_biases.detach()[:, attn.attention_bias_idxs]  # (heads, N, N), gathered once
+        self.register_buffer("attn_bias", bias[None].contiguous(), persistent=False)  # (1, heads, N, N)
+        self.local_conv = _DW(block.local_conv)
+        self.norm2, self.fc1, self.fc2 = block.mlp.norm, block.mlp.fc1, block.mlp.fc2
+
+    def _attention(self, w):  # (nW, N, C) -> (nW, N, C)
+        n_w, n, c = w.shape
+        qkv = self.qkv(self.norm1(w)).view(n_w, n, self.heads, 3 * self.head_dim).transpose(1, 2)
+        q, k, v = qkv.split(self.head_dim, dim=-1)  # (nW, heads, N, d) each, head-major [q|k|v]
+        # A 4-D bias (1, heads, N, N) lets SDPA take its fused CPU kernel (flash attention); the
+        # model's 3-D bias sends it down the unfused "math" path.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.attn_bias.to(q.dtype))
+        return self.proj(out.transpose(1, 2).reshape(n_w, n, c))
+
+    def forward(self, x):  # (B, H, W, C)
+        b, h, w, c = x.shape
+        ws = self.ws
+        if h == ws and w == ws:
+            x = x + self._attention(x.reshape(b, h * w, c)).view(b, h, w, c)
+        else:
+            # Zero-pad before the attention's layer norm, as the published model does.
+            pad_b, pad_r = (-h) % ws, (-w) % ws
+            xp = F.pad(x, (0, 0, 0, pad_r, 0, pad_b)) if (pad_b or pad_r) else x
+            ph, pw = h + pad_b, w + pad_r
+            nh, nw = ph // ws, pw // ws
+            windows = xp.view(b, nh, ws, nw, ws, c).transpose(2, 3).reshape(b * nh * nw, ws * ws, c)
+            windows = self._attention(windows)
+            y = windows.view(b, nh, nw, ws, ws, c).transpose(2, 3).reshape(b, ph, pw, c)
+            x = x + y[:, :h, :w]
+        x = self.local_conv(x.contiguous())
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class FastTinyViT(nn.Module):
+    """Inference-only TinyViT: (B, 3, S, S) -> (B, 256, S/4, S/4), same weights, same maths.
+
+    Built from a loaded `tiny_vit.TinyViT` (eval mode); the BatchNorms are folded, so changing the
+    source model afterwards does not change this one: build it again.
+    """
+
+    def __init__(self, encoder):
+        super().__init__()
+        encoder = copy.deepcopy(encoder)  # its norms and linears are reused; never alias the source
+        self.img_size = encoder.img_size
+        seq = encoder.patch_embed.seq
+        self.embed1, self.embed2 = _PW(seq[0]), _PW(seq[2])
+        stages = []
+        for i, stage in enumerate(encoder.layers):
+            if i == 0:
+                blocks = [_MBConv(b) for b in stage.blocks]
+            else:
+                blocks = [_Block(b) for b in stage.blocks]
+            if stage.downsample is not None:
+                blocks.append(_Merge(stage.downsample))
+            stages.extend(blocks)
+        self.stages = nn.Sequential(*stages)
+        neck = encoder.neck
+        self.neck_conv1 = neck[0].weight.detach()[:, :, 0, 0].contiguous()  # (256, C_last)
+        self.neck_norm1 = neck[1]
+        self.neck_conv2 = neck[2].weight.detach()
+        self.neck_norm2 = neck[3]
+        self.neck_conv1 = nn.Parameter(self.neck_conv1, requires_grad=False)
+        self.neck_conv2 = nn.Parameter(self.neck_conv2, requires_grad=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    @staticmethod
+    def _ln_channels_last(x, norm):  # LayerNorm2d over C of (B, H, W, C)
+        return F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps)
+
+    def forward(self, x):  # (B, 3, S, S) -> (B, 256, S/4, S/4), channels-last memory
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(f"TinyViT expects a {self.img_size}x{self.img_size} input, got {tuple(x.shape[-2:])}")
+        x = x.permute(0, 2, 3, 1)  # (B, S, S, 3); the first matmul makes it contiguous
+        x = self.embed2(F.gelu(self.embed1(x)))
+        x = self.stages(x)  # (B, 64, 64, C_last)
+        x = self._ln_channels_last(F.linear(x, self.neck_conv1), self.neck_norm1)
+        x = F.conv2d(x.permute(0, 3, 1, 2), self.neck_conv2, None, 1, 1)  # 3x3 dense conv
+        x = self._ln_channels_last(x.permute(0, 2, 3, 1), self.neck_norm2)
+        return x.permute(0, 3, 1, 2)  # (B, 256, 64, 64) as a view
+
+
+# ---------------------------------------------------------------------------------------- the paths
+@dataclass
+class EncoderPath:
+    """A callable encoder: (B, 3, S, S) float32 on the model's device -> (B, 256, 64, 64) float32.
+
+    name: one of PATHS; key: what identifies its numerics in cache keys; reason: why it was chosen
+    (logged); preferred_batch: the batch size `SlicePredictor.precompute` uses by default.
+    """
+
+    name: str
+    module: nn.Module
+    dtype: torch.dtype
+    device: torch.device
+    reason: str = ""
+    preferred_batch: int = 1
+
+    @property
+    def key(self) -> str:
+        return f"encoder={self.name}/v{PATH_VERSION}"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            out = self.module(x.to(self.device, self.dtype))
+            return out.float().contiguous()
+
+
+class _EncoderBody(nn.Module):
+    """TinyViT after its patch embedding: (B, D0, S, S) -> (B, 256, S/4, S/4); the part OpenVINO runs."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.layers, self.neck = encoder.layers, encoder.neck
+        self.out_resolution = encoder.out_resolution
+
+    def forward(self, x):
+        for stage in self.layers:
+            x = stage(x)
+        h, w = self.out_resolution
+        return self.neck(x.transpose(1, 2).reshape(x.shape[0], -1, h, w))
+
+
+class _Embed(nn.Module):
+    """The patch embedding, BN folded, fp32: (B, 3, S, S) -> (B, D0, S, S) contiguous NCHW."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        seq = encoder.patch_embed.seq
+        self.embed1, self.embed2 = _PW(seq[0]), _PW(seq[2])
+
+    def forward(self, x):
+        y = self.embed2(F.gelu(self.embed1(x.permute(0, 2, 3, 1))))
+        return y.permute(0, 3, 1, 2).contiguous()
+
+
+class OpenVINOPath:
+    """The encoder run by OpenVINO's CPU plugin (f32 or bf16 inference precision).
+
+    The patch embedding (two 1x1 conv+BN on the raw image, 0.3 GFLOP) stays in PyTorch fp32: with
+    its BatchNorms folded, its weights and outputs are large and cancel, and rounding them to bf16
+    alone caused about half of the bf16 path's embedding error. OpenVINO runs the rest. That part
+    is converted from PyTorch once per weights and OpenVINO version and kept as IR in `cache_dir`
+    (conversion traces the model: 10-70 s; loading the IR takes about a second).
+    """
+
+    def __init__(self, loaded, precision: str, reason: str = "", cache_dir=None):
+        import threading
+
+        import openvino as ov
+
+        self.name = f"openvino-{precision}"
+        self.reason = reason
+        self.device = torch.device("cpu")
+        self.preferred_batch = 1
+        self.precision = precision
+        encoder = copy.deepcopy(loaded.sam.image_encoder).float().eval()
+        size = int(loaded.spec.image_size)
+        self.embed = _Embed(encoder).eval()
+        body = _EncoderBody(encoder).eval()
+        xml = openvino_ir_path(encoder, size, cache_dir)
+        core = ov.Core()
+        if xml.is_file():
+            model = core.read_model(str(xml))
+            self.converted = False
+        else:
+            example = torch.zeros(1, encoder.patch_embed.seq[2].c.out_channels, size, size)
+            with torch.no_grad():
+                model = ov.convert_model(body, example_input=example,
+                                         input=[ov.PartialShape([-1, example.shape[1], size, size])])
+            try:
+                xml.parent.mkdir(parents=True, exist_ok=True)
+                tmp = xml.with_name(xml.stem + f".tmp{os.getpid()}.xml")
+                ov.save_model(model, str(tmp), compress_to_fp16=False)
+                os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
+                os.replace(tmp, xml)
+            except OSError as err:  # a read-only cache only costs the next start its conversion
+                log.warning("could not keep the converted OpenVINO model in %s: %s", xml.parent, err)
+            self.converted = True
+        self.compiled = core.compile_model(model, "CPU", {
+            "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"})
+        self._request = self.compiled.create_infer_request()
+        self._lock = threading.Lock()  # one infer request: calls from several threads take turns
+
+    @property
+    def key(self) -> str:
+        return f"encoder={self.name}/v{PATH_VERSION}"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            tokens = self.embed(x.detach().to("cpu", torch.float32))
+        with self._lock:
+            out = self._request.infer({0: tokens.numpy()})[0]
+            return torch.from_numpy(out.copy())
+
+
+def openvino_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
+def openvino_ir_path(encoder: nn.Module, image_size: int, cache_dir=None):
+    """Where the converted IR of these encoder weights lives (keyed by weights and OpenVINO version)."""
+    import hashlib
+    from pathlib import Path
+
+    import openvino as ov
+
+    digest = hashlib.sha1(f"body-v2:{ov.__version__}:{torch.__version__}:{image_size}".encode())
+    for name, tensor in sorted(encoder.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    root = Path(cache_dir or os.environ.get("MEDSAM_CACHE_DIR") or Path.home() / ".cache" / "medsam_plugin")
+    return root / "openvino" / f"tiny_vit_{digest.hexdigest()[:16]}.xml"
+
+
+def _is_tiny_vit(loaded) -> bool:
+    from .tiny_vit import TinyViT
+
+    return isinstance(getattr(loaded.sam, "image_encoder", None), TinyViT)
+
+
+def build_path(loaded, name: str, reason: str = "", cache_dir=None):
+    """The encoder path `name` (one of PATHS) for a loaded model, without hardware checks."""
+    if name not in PATHS:
+        raise ValueError(f"Unknown encoder path {name!r}; use one of {', '.join(PATHS)}.")
+    device = torch.device(loaded.device)
+    preferred_batch = 8 if device.type == "cuda" else 1
+    if name == "fp32":
+        return EncoderPath("fp32", loaded.sam.image_encoder, torch.float32, device, reason, preferred_batch)
+    if not _is_tiny_vit(loaded):
+        raise ValueError(f"The {name!r} encoder path exists for TinyViT models only, not {loaded.spec.family}.")
+    if name.startswith("openvino"):
+        if device.type != "cpu":
+            raise ValueError(f"The {name!r} encoder path runs on the CPU only, not on {device}.")
+        return OpenVINOPath(loaded, name.split("-", 1)[1], reason, cache_dir)
+    dtype = torch.bfloat16 if name == "bf16" else torch.float32
+    module = FastTinyViT(loaded.sam.image_encoder).to(device=device, dtype=dtype)
+    return EncoderPath(name, module, dtype, device, reason, preferred_batch)
+
+
+def choose_mode(loaded, mode: str = "auto") -> tuple[str, str]:
+    """(path name, reason) for `mode` on this machine; the MEDSAM_ENCODER variable overrides `mode`.
+
+    auto: on CUDA bf16 (fp32-fast without bf16 support); on a CPU with native bf16 (AMX or
+    AVX512-BF16) openvino-bf16 when OpenVINO is installed, else the torch bf16 rewrite; on other
+    CPUs openvino-f32, else fp32-fast. Models other than TinyViT keep their own fp32 encoder.
+    """
+    env = os.environ.get(ENV_VAR, "").strip().lower()
+    forced = ""
+    if env:
+        if env not in MODES:
+            raise ValueError(f"{ENV_VAR}={env!r} is not a known encoder mode; use one of {', '.join(MODES)}.")
+        mode, forced = env, f"forced by {ENV_VAR}={env}"
+    elif mode != "auto":
+        forced = f"asked for {mode!r}"
+    if mode not in MODES:
+        raise ValueError(f"Unknown encoder mode {mode!r}; use one of {', '.join(MODES)}.")
+    tiny = _is_tiny_vit(loaded)
+    device = torch.device(loaded.device)
+    if mode != "auto":
+        if mode != "fp32" and not tiny:
+            return "fp32", f"{forced}, but only TinyViT models have fast paths: the model's own fp32 encoder"
+        if mode.startswith("openvino") and (device.type != "cpu" or not openvino_available()):
+            why = "OpenVINO is not installed" if device.type == "cpu" else f"OpenVINO runs on the CPU, not {device}"
+            fallback = "bf16" if mode == "openvino-bf16" and _bf16_ok(device)[0] else "fp32-fast"
+            return fallback, f"{forced}, but {why}: {fallback} instead"
+        return mode, forced
+    if not tiny:
+        return "fp32", f"model family {loaded.spec.family} has no fast path"
+    ok, why = _bf16_ok(device)
+    if device.type == "cpu":
+        if ok:
+            if openvino_available():
+                return "openvino-bf16", why + "; OpenVINO installed (fused kernels, fastest measured)"
+            return "bf16", why + "; OpenVINO not installed (pip install openvino for ~1.8x more)"
+        if openvino_available():
+            return "openvino-f32", why + "; bf16 would be emulated (slower): OpenVINO in f32"
+        return "fp32-fast", why + "; bf16 would be emulated (slower): fp32 with folded BN, channels-last"
+    if ok:
+        return "bf16", why
+    return "fp32-fast", why
+
+
+def _bf16_ok(device: torch.device) -> tuple[bool, str]:
+    if device.type == "cuda":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return True, f"CUDA device {torch.cuda.get_device_name(device)} supports bf16"
+        return False, "CUDA device without bf16"
+    if device.type == "cpu":
+        return cpu_bf16_support()
+    return False, f"device {device.type}: bf16 not tried there"
+
+
+def make_encoder(loaded, mode: str = "auto", cache_dir=None):
+    """The fastest correct image-encoder path for this machine, or None for the model's own encoder.
+
+    mode: "auto" (pick by hardware), "fp32" (the model's own eager encoder, the reference),
+    "fp32-fast", "bf16", "openvino-f32" or "openvino-bf16". The environment variable
+    MEDSAM_ENCODER overrides it (e.g. MEDSAM_ENCODER=fp32). The choice and why is logged (INFO).
+    A path that fails to build (e.g. an OpenVINO conversion error) falls back to fp32, with a warning.
+    """
+    name, reason = choose_mode(loaded, mode)
+    if name == "fp32":
+        log.info("image encoder: fp32 eager (the model's own); %s", reason or "asked for fp32")
+        return None
+    try:
+        path = build_path(loaded, name, reason, cache_dir)
+    except Exception as err:  # noqa: BLE001 - an optional fast path that fails must not stop the tool
+        if not name.startswith("openvino"):
+            log.warning("image encoder: the %s path failed to build (%s); using the model's own fp32 encoder",
+                        name, err)
+            return None
+        fallback = "bf16" if name == "openvino-bf16" and _bf16_ok(torch.device(loaded.device))[0] else "fp32-fast"
+        log.warning("image encoder: the %s path failed to build (%s); using %s", name, err, fallback)
+        return make_encoder(loaded, fallback, cache_dir) if not os.environ.get(ENV_VAR) else \
+            build_path(loaded, fallback, f"{name} failed: {err}")
+    log.info("image encoder: %s (%s)", name, reason)
+    return path

@@ -143,7 +143,8 @@ def start_task(
         result = yield from make_generator(task.cancel_event)
         return result
 
-    worker = create_worker(generator_function, _start_thread=False)
+    # errors go to on_error (a notification with advice), not to napari's traceback dialog
+    worker = create_worker(generator_function, _start_thread=False, _ignore_errors=True)
     worker.yielded.connect(yielded)
     worker.returned.connect(returned)
     worker.errored.connect(errored)

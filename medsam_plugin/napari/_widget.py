@@ -171,6 +171,9 @@ class MedSAMWidget(QWidget):
         form.addRow("Model", row)
         self.device_combo = QComboBox()
         self.device_combo.addItems(DEVICES)
+        self.model_combo.activated.connect(lambda *_: self.change_model())
+        self.model_combo.lineEdit().editingFinished.connect(self.change_model)
+        self.device_combo.currentTextChanged.connect(lambda *_: self.change_model())
         form.addRow("Device", self.device_combo)
         self.window_combo = QComboBox()
         self.window_combo.addItems(WINDOW_CHOICES)
@@ -303,6 +306,12 @@ class MedSAMWidget(QWidget):
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt name)
         self.cancel()
         self._unbind_keys()
+        for emitter, slot in ((self.viewer.layers.events.inserted, self._refresh_scan_choices),
+                              (self.viewer.layers.events.removed, self._on_layer_removed)):
+            try:
+                emitter.disconnect(slot)
+            except Exception:
+                pass
         super().closeEvent(event)
 
     # ================================================================== scan / session
@@ -448,6 +457,31 @@ class MedSAMWidget(QWidget):
 
     def device_name(self) -> str:
         return self.device_combo.currentText()
+
+    def change_model(self) -> None:
+        """Use the model/device now chosen; labels, objects and seeds are kept (embeddings are not)."""
+        from ..engine.session import SegmentationSession
+
+        old = self.session
+        if old is None or (old.model_name, old.device) == (self.model_name(), self.device_name()):
+            return
+        if self._busy():
+            _notify("warning", "The model can change once the running work ends (or press Cancel).")
+            return
+        try:
+            new = SegmentationSession(old.volume, model=self.model_name(), device=self.device_name(),
+                                      axis=old.view.axis, window=old.window, cache_dir=self.embedding_cache,
+                                      loaded_model=self._loaded_models.get((self.model_name(), self.device_name())))
+        except Exception as exc:
+            _notify("error", f"Could not switch to model '{self.model_name()}' on '{self.device_name()}': {exc}")
+            return
+        self._sync_paint()
+        self._accept_pending()
+        new.labels = old.labels  # the work so far (with its undo history) carries over
+        new.seeds = old.seeds
+        new.mode, new.stop_rules = old.mode, old.stop_rules
+        self.session = new
+        self._set_status(f"Model {self.model_name()} on {self.device_name()}: it loads with the next segmentation.")
 
     def _current_window(self, modality: str = "CT"):
         choice = self.window_combo.currentText()
@@ -746,10 +780,18 @@ class MedSAMWidget(QWidget):
             self._updating = False
 
     def _on_paint(self, event=None) -> None:
+        # napari emits `paint` just before it writes the voxels: sync on the next event-loop turn.
         if self._updating or self.session is None or self._busy():
             return
-        self._sync_paint()
-        self._autosave()
+        from qtpy.QtCore import QTimer
+
+        QTimer.singleShot(0, self._paint_finished)
+
+    def _paint_finished(self) -> None:
+        if self._updating or self.session is None or self._busy():
+            return
+        if self._sync_paint():
+            self._autosave()
 
     def _sync_paint(self) -> int:
         """Push the user's painting in the Labels layer into the session (undoable); returns voxels changed."""
@@ -877,6 +919,8 @@ class MedSAMWidget(QWidget):
 
         def done(pred):
             self._remember_model()
+            if self.pending is not None and (self.pending[0], self.pending[1].z) != (label_id, z):
+                self._accept_pending()  # moving on from an unaccepted slice keeps it
             self.pending = (label_id, pred)
             self._show_slice(z, self._preview_slice(label_id, z, pred.mask_yx))
             dt = time.perf_counter() - t0
@@ -1012,6 +1056,7 @@ class MedSAMWidget(QWidget):
             self._set_status("Discarded the slice preview.")
             return
         what = self.session.undo()
+        self._drop_stale_seeds()
         self._show_labels()
         self._refresh_objects()
         if what:
@@ -1023,10 +1068,19 @@ class MedSAMWidget(QWidget):
             return
         self._sync_paint()
         what = self.session.redo()
+        self._drop_stale_seeds()
         self._show_labels()
         if what:
             self._autosave()
         self._set_status(f"Redid: {what}." if what else "Nothing to redo.")
+
+    def _drop_stale_seeds(self) -> None:
+        """Forget seeds on slices that no longer hold their object (the engine's undo keeps seeds)."""
+        arr = self.session.labels.array
+        for label_id, seeds in self.session.seeds.items():
+            for z in list(seeds):
+                if not (arr[z] == label_id).any():
+                    self.session.remove_seed(label_id, z)
 
     def clear_object(self) -> None:
         """Remove all voxels, seeds, prompts and stop slices of the current object (undoable voxels)."""

@@ -15,6 +15,7 @@ file name), ``"modality"`` ("CT" / "MR"; default the datalist's, else guessed fr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -126,6 +127,21 @@ def load_datalist(datalist: str | os.PathLike, data_root: str | os.PathLike | No
             if names.count(c["case"]) > 1:
                 c["case"] = f"{c['case']}#{i}"
     return cases
+
+
+@contextlib.contextmanager
+def data_errors():
+    """Re-raise a `DataError` that MONAI's ``Compose`` wrapped in "applying transform ..." as itself,
+    so the user reads which case is wrong and why, not a transform's repr."""
+    try:
+        yield
+    except RuntimeError as exc:
+        cause = exc
+        while cause is not None and not isinstance(cause, DataError):
+            cause = cause.__cause__
+        if isinstance(cause, DataError):
+            raise cause from None
+        raise
 
 
 def case_transforms(axis: str = "axial", window=None, min_area: int = 10, encode: Callable | None = None,

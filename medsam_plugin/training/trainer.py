@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .data import case_transforms, load_datalist, slice_pairs, split_pairs
+from .data import case_transforms, data_errors, load_datalist, slice_pairs, split_pairs
 from .transforms import SimulatePromptsd
 
 log = logging.getLogger(__name__)
@@ -91,11 +91,12 @@ class FinetuneConfig:
     progress: bool = True
     val_every: int = 6
     max_val_pairs: int | None = 64
+    val_recipes: tuple[str, ...] = VALIDATION_RECIPES
 
     def __post_init__(self) -> None:
         if self.train not in TRAIN_MODES:
             raise ValueError(f"--train must be one of {', '.join(TRAIN_MODES)}; got {self.train!r}.")
-        unknown = [r for r in self.recipes if r not in PROMPT_RECIPES]
+        unknown = [r for r in [*self.recipes, *self.val_recipes] if r not in PROMPT_RECIPES]
         if unknown:
             raise ValueError(f"Unknown prompt recipe(s) {unknown}; known: {', '.join(PROMPT_RECIPES)}.")
         if self.train != "decoder":
@@ -293,12 +294,17 @@ class Trainer:
         if self.info.main:
             self.log(msg)
 
+    def read_datalist(self) -> tuple[list[dict], list[dict]]:
+        """The checked training and validation case lists (fails fast, before the model loads)."""
+        cfg = self.cfg
+        return (load_datalist(cfg.datalist, cfg.data_root, "training", cfg.objects),
+                load_datalist(cfg.datalist, cfg.data_root, "validation", cfg.objects, required=False))
+
     def build_data(self, loaded) -> None:
         from monai.data import CacheDataset, Dataset
 
         cfg = self.cfg
-        train_cases = load_datalist(cfg.datalist, cfg.data_root, "training", cfg.objects)
-        val_cases = load_datalist(cfg.datalist, cfg.data_root, "validation", cfg.objects, required=False)
+        train_cases, val_cases = self.read_datalist()
         encode = None
         cache_dir = cfg.cache_dir
         if cfg.cache_embeddings:
@@ -321,20 +327,23 @@ class Trainer:
         if encode is not None and self.info.world > 1:
             # each rank encodes its share into the disk cache once; then everyone reads it
             mine = all_cases[self.info.rank::self.info.world]
-            for item in Dataset(mine, transform=chain()):
-                pass
+            with data_errors():
+                for item in Dataset(mine, transform=chain()):
+                    pass
             self.info.barrier()
         t0 = time.perf_counter()
-        self.train_ds = CacheDataset(train_cases, transform=chain(), cache_rate=cfg.cache_rate, num_workers=0,
-                                     progress=False, copy_cache=False)
-        self.val_ds = (CacheDataset(val_cases, transform=chain(), cache_rate=cfg.cache_rate, num_workers=0,
-                                    progress=False, copy_cache=False) if val_cases else None)
+        with data_errors():
+            self.train_ds = CacheDataset(train_cases, transform=chain(), cache_rate=cfg.cache_rate, num_workers=0,
+                                         progress=False, copy_cache=False)
+            self.val_ds = (CacheDataset(val_cases, transform=chain(), cache_rate=cfg.cache_rate, num_workers=0,
+                                        progress=False, copy_cache=False) if val_cases else None)
+            train_items = [self.train_ds[i] for i in range(len(self.train_ds))]
         if bar is not None:
             bar.close()
-        train_items = [self.train_ds[i] for i in range(len(self.train_ds))]
         pairs = slice_pairs(train_items, cfg.margin)
         if self.val_ds is not None:
-            val_items = [self.val_ds[i] for i in range(len(self.val_ds))]
+            with data_errors():
+                val_items = [self.val_ds[i] for i in range(len(self.val_ds))]
             self.train_pairs, self.val_pairs = pairs, slice_pairs(val_items, cfg.margin)
         else:
             val_items = None
@@ -485,7 +494,7 @@ class Trainer:
         self.module.eval()
         results = {}
         total_loss = [0.0, 0.0]
-        for recipe in VALIDATION_RECIPES:
+        for recipe in self.cfg.val_recipes:
             metric = DiceMetric(include_background=True, reduction="mean", ignore_empty=False)
             self.val_tf.set_random_state(1234)  # same jitter every epoch
             for batch in self._loader(self.val_pairs, self.val_tf, shuffle=False, epoch=0):
@@ -501,7 +510,7 @@ class Trainer:
             results[recipe] = s / c if c else float("nan")
         s, c = _all_mean(total_loss, self.info, self.device)
         results["loss"] = s / c if c else float("nan")
-        results["score"] = float(np.mean([results[r] for r in VALIDATION_RECIPES]))
+        results["score"] = float(np.mean([results[r] for r in self.cfg.val_recipes]))
         self.module.train()
         self.module.sam.image_encoder.train(self.cfg.train != "decoder")
         return results
@@ -559,6 +568,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         t_start = time.perf_counter()
         deadline = None if cfg.max_minutes is None else t_start + 60.0 * cfg.max_minutes
+        self.read_datalist()  # a missing file or undeclared label stops here, before the model loads
         loaded = self.build_model()
         self._say(f"fine-tuning '{self.base_name}' ({cfg.train}: {self.n_trainable / 1e6:.2f} M trainable parameters) "
                   f"on {self.device}, {self.info.world} process(es)")

@@ -1,0 +1,442 @@
+"""Every speed figure of the project from one command, each beside the fp32 eager baseline.
+
+    python benchmarks/run_all.py            (or: make bench)
+    python benchmarks/run_all.py --quick    (fewer repeats, no Dice check)
+
+Sections: the machine; 1) encoder paths (fp32 eager, fp32 rewrite, torch bf16, OpenVINO f32/bf16)
+and the one `make_encoder` picks, with Dice on every shared case; 2) re-prompt on a cached slice
+vs encode + decode; 3) whole-volume propagation vs the reference that re-encodes per prompt, and
+objects sharing embeddings; 4) batched encoding and background precompute; 5) peak memory on a
+synthetic 512x512x600 CT with a bounded cache; 6) GPU (only where one is present).
+
+Timings are medians of variants run interleaved in one process, so a busy machine slows all of
+them alike; the ratios are the figures to compare, the seconds depend on the load (printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SAMPLE = REPO / "sample_data"
+RESULTS: dict = {}
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict[str, dict]:
+    """Run each callable `repeats` times, round-robin; {name: {wall, cpu}} median seconds."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    wall = {n: [] for n in fns}
+    cpu = {n: [] for n in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return {n: {"wall": statistics.median(wall[n]), "cpu": statistics.median(cpu[n]), "all_wall": wall[n]} for n in fns}
+
+
+# ------------------------------------------------------------------------------------------ machine
+def machine() -> dict:
+    import torch
+
+    from medsam_plugin.model.fast import cpu_bf16_support, cpu_flags, cpu_model_name, openvino_available
+
+    flags = cpu_flags()
+    info = {
+        "cpu": cpu_model_name(), "logical_cpus": os.cpu_count(), "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "flags": sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16",
+                                                  "amx_tile", "amx_int8")),
+        "bf16_native": cpu_bf16_support(), "python": platform.python_version(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "cuda": torch.cuda.is_available(),
+    }
+    if openvino_available():
+        import openvino
+
+        info["openvino"] = openvino.__version__
+    say("== machine")
+    for k, v in info.items():
+        say(f"  {k}: {v}")
+    return info
+
+
+# ------------------------------------------------------------------------------------------ 1 encoder
+def bench_encoder(loaded, repeats: int) -> dict:
+    import torch
+
+    from medsam_plugin.model.fast import PATHS, build_path, choose_mode, openvino_available
+
+    say("\n== 1. image encoder, one 256x256 slice (median of %d interleaved runs)" % repeats)
+    chosen, why = choose_mode(loaded, "auto")
+    names = [p for p in PATHS if not p.startswith("openvino") or openvino_available()]
+    paths = {}
+    for name in names:
+        t0 = time.perf_counter()
+        paths[name] = build_path(loaded, name)
+        if name.startswith("openvino"):
+            say(f"  {name}: ready in {time.perf_counter() - t0:.1f}s "
+                f"({'converted from PyTorch, now cached as IR' if paths[name].converted else 'IR from cache'})")
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 256, 256)
+    ref = paths["fp32"](x)
+    err = {n: float((p(x) - ref).norm() / ref.norm()) for n, p in paths.items()}
+    t = interleaved({n: (lambda p=p: p(x)) for n, p in paths.items()}, repeats)
+    base = t["fp32"]
+    say(f"  {'path':15s} {'wall s':>8s} {'x fp32':>7s} {'cpu s':>8s} {'x fp32':>7s}  rel. error of embedding")
+    for n in paths:
+        say(f"  {n:15s} {t[n]['wall']:8.3f} {base['wall'] / t[n]['wall']:7.2f} {t[n]['cpu']:8.3f} "
+            f"{base['cpu'] / t[n]['cpu']:7.2f}  {err[n]:.2e}" + ("   <- auto" if n == chosen else ""))
+    say(f"  auto picks {chosen}: {why}")
+    flop = 75e9
+    say(f"  {chosen}: {flop / t[chosen]['wall'] / 1e9:.0f} GFLOP/s effective (75 GFLOP a slice)")
+    return {"times": t, "rel_error": err, "chosen": chosen, "reason": why,
+            "speedup_wall": base["wall"] / t[chosen]["wall"], "speedup_cpu": base["cpu"] / t[chosen]["cpu"],
+            "paths": paths}
+
+
+# ------------------------------------------------------------------------------------------ 2 re-prompt
+def spleen_case():
+    from medsam_plugin.engine.propagation import bounding_box_xyxy
+    from medsam_plugin.io import read_labels, read_volume
+
+    case = SAMPLE / "ct_spleen_msd_spleen2_crop"
+    volume = read_volume(case / "image.nii.gz")
+    truth_ijk = read_labels(case / "label.nii.gz", volume)
+    return volume, truth_ijk, bounding_box_xyxy
+
+
+def bench_reprompt(loaded, enc, repeats: int) -> dict:
+    from medsam_plugin.engine.embedding_cache import EmbeddingCache
+    from medsam_plugin.engine.predictor import SlicePredictor
+    from medsam_plugin.engine.session import SegmentationSession
+
+    say("\n== 2. re-prompt on a cached slice vs encode + decode (spleen sample, GT box)")
+    volume, truth_ijk, bbox = spleen_case()
+    session = SegmentationSession(volume, loaded_model=loaded)
+    truth = session.view.to_view(truth_ijk) == 1
+    z = int(np.argmax(truth.sum(axis=(1, 2))))
+    box = bbox(truth[z])
+    preds = {"fp32": SlicePredictor(loaded, EmbeddingCache(), None),
+             "fast": SlicePredictor(loaded, EmbeddingCache(), enc["paths"][enc["chosen"]])}
+    for p in preds.values():
+        p.set_volume(session.image_u8)
+
+    def fresh(p):
+        p.cache.reset()
+        p.predict(z, box_xyxy=box)
+
+    def again(p):
+        p.predict(z, box_xyxy=box + np.array([1, 1, -1, -1], np.float32))
+
+    full = interleaved({n: (lambda p=p: fresh(p)) for n, p in preds.items()}, max(2, repeats // 2))
+    cached = interleaved({n: (lambda p=p: again(p)) for n, p in preds.items()}, repeats * 3)
+    out = {}
+    for n in preds:
+        out[n] = {"encode_decode": full[n]["wall"], "reprompt": cached[n]["wall"],
+                  "fraction": cached[n]["wall"] / full[n]["wall"]}
+        say(f"  {n:5s} encoder: encode+decode {full[n]['wall']:.3f}s, re-prompt {cached[n]['wall'] * 1000:.0f} ms "
+            f"= {out[n]['fraction']:.3f} of encode+decode (target <= 0.1)")
+    say(f"  re-prompt vs fp32 eager encode+decode: {cached['fast']['wall'] / full['fp32']['wall']:.3f}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ 3 propagation
+class ReEncodingPredictor:
+    """The reference approach (MedSAM's 3D script): every prompt encodes its slice again."""
+
+    def __init__(self, predictor):
+        self.inner = predictor
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def predict(self, z, **kwargs):
+        self.inner.cache.reset()
+        return self.inner.predict(z, **kwargs)
+
+
+def bench_propagation(loaded, enc) -> dict:
+    from medsam_plugin.engine.embedding_cache import EmbeddingCache
+    from medsam_plugin.engine.predictor import SlicePredictor
+    from medsam_plugin.engine.propagation import bounding_box_xyxy, propagate, run_to_completion
+    from medsam_plugin.engine.session import SegmentationSession
+    from medsam_plugin.io import read_labels, read_volume
+
+    say("\n== 3. whole-volume propagation vs re-encoding every slice for every prompt")
+    path = enc["paths"][enc["chosen"]]
+    volume, truth_ijk, _ = spleen_case()
+    session = SegmentationSession(volume, loaded_model=loaded)
+    truth = session.view.to_view(truth_ijk) == 1
+    z0 = int(np.argmax(truth.sum(axis=(1, 2))))
+
+    def one_object(predictor):
+        seed = predictor.predict(z0, box_xyxy=bounding_box_xyxy(truth[z0]))
+        return run_to_completion(propagate(predictor, {z0: seed}))
+
+    engine = SlicePredictor(loaded, EmbeddingCache(), path)
+    engine.set_volume(session.image_u8)
+    t0 = time.perf_counter()
+    result = one_object(engine)
+    t_engine = time.perf_counter() - t0
+    ref_inner = SlicePredictor(loaded, EmbeddingCache(), path)
+    ref_inner.set_volume(session.image_u8)
+    t0 = time.perf_counter()
+    one_object(ReEncodingPredictor(ref_inner))
+    t_ref = time.perf_counter() - t0
+    prompts, unique = engine.decode_count, engine.encode_count
+    say(f"  one object (spleen): {prompts} prompts on {unique} unique slices ({len(result.slices)} kept)")
+    say(f"    engine (cached, {enc['chosen']}): {t_engine:.1f}s; reference (re-encode per prompt, same encoder): "
+        f"{t_ref:.1f}s; ratio {t_ref / t_engine:.2f} (target >= prompts/unique = {prompts / unique:.2f})")
+    fp32_slice = enc["times"]["fp32"]["wall"]
+    say(f"    reference with fp32 eager encoder (prompts x measured fp32 encode): ~{prompts * fp32_slice:.1f}s "
+        f"-> engine is {prompts * fp32_slice / t_engine:.1f}x faster")
+
+    # Several objects and correction clicks on one scan: a multi-label sample case.
+    case = SAMPLE / "ct_abdomen_totalseg_sm"
+    vol2 = read_volume(case / "image.nii.gz")
+    lab2 = read_labels(case / "label.nii.gz", vol2)
+    from medsam_plugin.evaluation.simulate import simulate_object
+
+    os.environ["MEDSAM_ENCODER"] = enc["chosen"]
+    try:
+        s2 = SegmentationSession(vol2, loaded_model=loaded)
+        t2 = s2.view.to_view(lab2)
+        present = [int(v) for v in np.unique(t2) if v]
+        sizes = sorted(present, key=lambda v: -int((t2 == v).sum()))[:3]
+        t0 = time.perf_counter()
+        for label in sizes:
+            simulate_object(s2, t2 == label, label, clicks=1)
+        t_multi = time.perf_counter() - t0
+    finally:
+        os.environ.pop("MEDSAM_ENCODER", None)
+    p2 = s2.predictor
+    per_prompt_ref = t_ref / max(1, ref_inner.decode_count)
+    say(f"  {len(sizes)} objects + 1 correction click each (abdomen sample, labels {sizes}): "
+        f"{p2.decode_count} prompts on {p2.encode_count} unique slices, {t_multi:.1f}s")
+    say(f"    reference estimate (prompts x measured re-encode+decode {per_prompt_ref:.2f}s): "
+        f"{p2.decode_count * per_prompt_ref:.1f}s -> ratio {p2.decode_count * per_prompt_ref / t_multi:.2f} "
+        f"(prompts/unique = {p2.decode_count / max(1, p2.encode_count):.2f})")
+    return {"one_object": {"prompts": prompts, "unique": unique, "engine_s": t_engine, "reference_s": t_ref},
+            "multi": {"prompts": p2.decode_count, "unique": p2.encode_count, "engine_s": t_multi,
+                      "reference_estimate_s": p2.decode_count * per_prompt_ref}}
+
+
+# ------------------------------------------------------------------------------------------ 4 batching
+def bench_batching(loaded, enc, repeats: int) -> dict:
+    import torch
+
+    from medsam_plugin.engine.embedding_cache import EmbeddingCache
+    from medsam_plugin.engine.predictor import SlicePredictor
+    from medsam_plugin.engine.session import SegmentationSession
+
+    say("\n== 4. batched encoding (seconds per slice) and background precompute")
+    out = {}
+    torch.manual_seed(0)
+    batches = (1, 2, 4, 8)
+    for name in dict.fromkeys([enc["chosen"], "bf16" if "bf16" in enc["paths"] else "fp32-fast"]):
+        path = enc["paths"][name]
+        xs = {b: torch.rand(b, 3, 256, 256) for b in batches}
+        t = interleaved({b: (lambda b=b: path(xs[b])) for b in batches}, repeats, warmup=1)
+        per = {b: t[b]["wall"] / b for b in batches}
+        out[name] = per
+        best = min(per, key=per.get)
+        say(f"  {name:14s} " + "  ".join(f"b{b}: {per[b]:.3f}" for b in batches)
+            + f"   best b{best} ({per[1] / per[best]:.2f}x of b1)")
+    say(f"  fp32 eager baseline b1: {enc['times']['fp32']['wall']:.3f} s/slice")
+    say(f"  precompute(batch_size=None) uses the path's preferred batch: "
+        f"{enc['paths'][enc['chosen']].preferred_batch} here (8 on CUDA)")
+
+    # Background precompute while the user keeps prompting a cached slice.
+    volume, truth_ijk, bbox = spleen_case()
+    session = SegmentationSession(volume, loaded_model=loaded)
+    truth = session.view.to_view(truth_ijk) == 1
+    z = int(np.argmax(truth.sum(axis=(1, 2))))
+    predictor = SlicePredictor(loaded, EmbeddingCache(), enc["paths"][enc["chosen"]])
+    predictor.set_volume(session.image_u8)
+    predictor.predict(z, box_xyxy=bbox(truth[z]))
+    todo = [k for k in range(max(0, z - 4), min(predictor.n_slices, z + 5)) if k != z]
+    worker = threading.Thread(target=lambda: [None for _ in predictor.precompute(todo)], daemon=True)
+    t0 = time.perf_counter()
+    worker.start()
+    lat = []
+    while worker.is_alive():
+        s = time.perf_counter()
+        predictor.predict(z, box_xyxy=bbox(truth[z]))
+        lat.append(time.perf_counter() - s)
+    worker.join()
+    t_bg = time.perf_counter() - t0
+    say(f"  background precompute of {len(todo)} slices: {t_bg:.1f}s, meanwhile {len(lat)} re-prompts on a cached "
+        f"slice answered in median {statistics.median(lat) * 1000 if lat else float('nan'):.0f} ms")
+    out["background"] = {"slices": len(todo), "seconds": t_bg, "reprompts": len(lat),
+                         "median_reprompt_s": statistics.median(lat) if lat else None}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ 5 memory
+MEMORY_CHILD = r'''
+import json, os, resource, sys, tempfile, time
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+mode, span = sys.argv[2], int(sys.argv[3])
+def rss_mb(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from medsam_plugin.io.volume import Volume
+from medsam_plugin.engine.session import SegmentationSession
+from medsam_plugin.engine.propagation import StopRules, bounding_box_xyxy, run_to_completion
+from medsam_plugin.model.registry import load_model
+os.environ["MEDSAM_ENCODER"] = mode
+loaded = load_model("lite_medsam", device="cpu")
+after_model = rss_mb()
+Z, H, W = 600, 512, 512
+rng = np.random.default_rng(0)
+data = np.full((W, H, Z), -900, np.int16)            # i, j, k = x, y, z
+data += rng.integers(0, 40, size=(1, H, Z), dtype=np.int16)  # faint texture, cheap to make
+zz, yy, xx = 300, 256, 256
+radius_xy, half = 60.0, span / 2
+for k in range(int(zz - half) - 1, int(zz + half) + 2):
+    r2 = radius_xy**2 * max(0.0, 1 - ((k - zz) / half) ** 2)
+    if r2 <= 0: continue
+    y, x = np.ogrid[:H, :W]
+    data[:, :, k][((x - xx) ** 2 + (y - yy) ** 2 <= r2).T] = 60
+affine = np.diag([0.8, 0.8, 1.0, 1.0])
+volume = Volume(data_ijk=data, affine_ras=affine, modality="CT") if "modality" in Volume.__dataclass_fields__ else Volume(data_ijk=data, affine_ras=affine)
+after_volume = rss_mb()
+cache_dir = tempfile.mkdtemp(prefix="medsam_mem_")
+cache_bytes = 32 * 1024**2   # 16 fp16 embeddings in memory, the rest spills to disk
+session = SegmentationSession(volume, loaded_model=loaded, cache_dir=cache_dir, cache_bytes=cache_bytes)
+obj = session.add_object("sphere")
+mid = session.shape_zyx[0] // 2
+img = session.image_u8[mid]
+mask = img > img.mean() + 30
+t0 = time.perf_counter()
+session.segment_slice(obj.label_id, mid, box_xyxy=bounding_box_xyxy(mask))
+session.stop_rules = StopRules(z_range=(mid - int(half) - 6, mid + int(half) + 6))
+run_to_completion(session.propagate(obj.label_id, stop=session.stop_rules))
+secs = time.perf_counter() - t0
+p = session.predictor
+out = {"shape_zyx": list(session.shape_zyx), "volume_mb": data.nbytes / 2**20, "rss_after_model_mb": after_model,
+       "rss_after_volume_mb": after_volume, "peak_rss_mb": rss_mb(), "slices_encoded": p.encode_count,
+       "slices_segmented": int((session.labels.array == obj.label_id).any(axis=(1, 2)).sum()),
+       "cache_bytes_in_memory": p.cache.bytes_in_memory, "cache_limit": cache_bytes,
+       "disk_files": len(os.listdir(cache_dir)), "seconds": secs}
+print("RESULT " + json.dumps(out))
+'''
+
+
+def bench_memory(enc, span: int) -> dict:
+    say(f"\n== 5. memory: synthetic 512x512x600 CT, one sphere-like object over ~{span} slices, "
+        f"cache 32 MiB in memory + disk spill (separate process, peak RSS)")
+    proc = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(REPO), enc["chosen"], str(span)],
+                          capture_output=True, text=True)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not line:
+        say("  failed:\n" + proc.stderr[-3000:])
+        return {"error": proc.stderr[-3000:]}
+    r = json.loads(line[0][7:])
+    say(f"  volume {r['shape_zyx']} int16 = {r['volume_mb']:.0f} MiB; RSS after model {r['rss_after_model_mb']:.0f} MiB, "
+        f"after volume {r['rss_after_volume_mb']:.0f} MiB, peak {r['peak_rss_mb']:.0f} MiB")
+    say(f"  {r['slices_encoded']} slices encoded for {r['slices_segmented']} segmented (of 600) in {r['seconds']:.0f}s; "
+        f"cache in memory {r['cache_bytes_in_memory'] / 2**20:.0f} MiB (limit {r['cache_limit'] / 2**20:.0f} MiB), "
+        f"{r['disk_files']} embeddings spilled to disk")
+    say(f"  all 600 embeddings in fp32 would take {600 * 4 * 2**20 / 2**30:.1f} GiB; fp16 unbounded 1.2 GiB")
+    return r
+
+
+# ------------------------------------------------------------------------------------------ 6 gpu
+def bench_gpu(loaded_cpu) -> dict:
+    import torch
+
+    say("\n== 6. GPU")
+    if not torch.cuda.is_available():
+        say("  no CUDA device on this machine: GPU throughput not measured. The CUDA path (bf16 rewrite, "
+            "batch 8) is exercised on CPU by the tests only.")
+        return {"measured": False}
+    from medsam_plugin.model.fast import build_path
+    from medsam_plugin.model.registry import load_model
+
+    loaded = load_model("lite_medsam", device="cuda")
+    out = {"device": torch.cuda.get_device_name(0)}
+    for name in ("fp32", "bf16"):
+        path = build_path(loaded, name)
+        for b in (1, 8, 32):
+            x = torch.rand(b, 3, 256, 256, device="cuda")
+            for _ in range(3):
+                path(x)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(10):
+                path(x)
+            torch.cuda.synchronize()
+            sps = 10 * b / (time.perf_counter() - t0)
+            out[f"{name}_b{b}"] = sps
+            say(f"  {name} batch {b}: {sps:.1f} slices/s = {sps * 75e9 / 1e12:.1f} TFLOP/s effective")
+    return out
+
+
+def main(argv=None) -> int:
+    import logging
+
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, no Dice check on the shared cases")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--skip-dice", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--span", type=int, default=40, help="slices the synthetic object spans (section 5)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    repeats = args.repeats or (3 if args.quick else 5)
+    t_start = time.perf_counter()
+    from medsam_plugin.model.registry import load_model
+
+    RESULTS["machine"] = machine()
+    loaded = load_model("lite_medsam", device="cpu")
+    enc = bench_encoder(loaded, repeats)
+    if not (args.quick or args.skip_dice):
+        sys.path.insert(0, str(Path(__file__).parent))
+        import check_dice
+
+        say("\n== 1b. Dice, one-box propagation, fp32 eager vs %s (target |delta| <= 0.005)" % enc["chosen"])
+        rows = check_dice.run(enc["chosen"], loaded=loaded, log=say)
+        if rows:
+            worst = max(abs(r["delta"]) for r in rows)
+            say(f"  worst |delta| {worst:.4f} over {len(rows)} objects: {'ok' if worst <= 0.005 else 'OVER TOLERANCE'}")
+        RESULTS["dice"] = rows
+    RESULTS["reprompt"] = bench_reprompt(loaded, enc, repeats)
+    RESULTS["propagation"] = bench_propagation(loaded, enc)
+    RESULTS["batching"] = bench_batching(loaded, enc, max(2, repeats // 2))
+    if not args.skip_memory:
+        RESULTS["memory"] = bench_memory(enc, args.span)
+    RESULTS["gpu"] = bench_gpu(loaded)
+    RESULTS["encoder"] = {k: v for k, v in enc.items() if k != "paths"}
+    say(f"\nall done in {time.perf_counter() - t_start:.0f}s; load average now {os.getloadavg()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(RESULTS, indent=1, default=str))
+    del torch
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Widget behaviour that needs no model: objects, shortcuts, painting sync, autosave, errors (Qt on Xvfb)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+pytestmark = pytest.mark.gui
+
+CASE = "ct_spleen_msd_spleen2_crop"
+
+
+@pytest.fixture
+def make_widget(make_napari_viewer, monkeypatch, tmp_path, sample_dir):
+    monkeypatch.setenv("MEDSAM_PLUGIN_CACHE", str(tmp_path / "cache"))
+    viewer = make_napari_viewer()
+    viewer.open(sample_dir / CASE / "image.nii.gz", plugin="medsam-plugin")
+
+    def make(policy="ignore"):
+        from medsam_plugin.napari._widget import MedSAMWidget
+
+        widget = MedSAMWidget(viewer, autosave_policy=policy, inline=True, embedding_cache=False)
+        viewer.window.add_dock_widget(widget)
+        return widget
+
+    return viewer, make
+
+
+def key(viewer, qtbot, k, modifier=None):
+    from qtpy.QtCore import Qt
+
+    qtbot.keyClick(viewer.window._qt_viewer.canvas.native, k, modifier or Qt.NoModifier)
+
+
+def paint(widget, qtbot, zyx, label_id, size=7):
+    layer = widget.labels_layer
+    layer.brush_size = size
+    layer.paint(zyx, label_id)
+    qtbot.waitUntil(lambda: (widget.session.labels.array == label_id).any(), timeout=5000)
+
+
+def test_objects_add_rename_delete_select(make_widget, qtbot):
+    from qtpy.QtCore import Qt
+
+    viewer, make = make_widget
+    w = make()
+    viewer.layers.selection.active = w.fg_layer  # our keys win over the Points layer's own
+    key(viewer, qtbot, Qt.Key_N)
+    key(viewer, qtbot, Qt.Key_N)
+    assert sorted(w.session.labels.objects) == [1, 2] and w.current_label == 2
+    assert w.object_list.count() == 2
+    w.rename_object(1, "liver")
+    assert w.object_list.item(0).text() == "liver"
+    assert w.labels_layer.metadata["medsam_label_names"][1] == "liver"
+    w.select_object(1)
+    assert w.labels_layer.selected_label == 1
+    w.delete_object(2)
+    assert list(w.session.labels.objects) == [1] and w.object_list.count() == 1
+
+
+def test_prompts_belong_to_their_object(make_widget):
+    viewer, make = make_widget
+    w = make()
+    a = w.add_object("a")
+    w.add_point((50, 60), positive=True, z=12)
+    b = w.add_object("b")
+    assert len(w.fg_layer.data) == 0  # b starts with no prompts
+    w.add_box((10, 10, 30, 30), z=3)
+    w.select_object(a)
+    assert len(w.fg_layer.data) == 1 and len(w.box_layer.data) == 0
+    pts, labels, box = w._prompts_on_slice(12)
+    assert box is None and labels.tolist() == [1] and np.allclose(pts, [[50, 60]])
+    w.select_object(b)
+    assert w._prompts_on_slice(3)[2].tolist() == [10, 10, 30, 30]
+
+
+def test_painting_syncs_undo_clear_and_stop(make_widget, qtbot):
+    from qtpy.QtCore import Qt
+
+    viewer, make = make_widget
+    w = make()
+    obj = w.add_object("painted")
+    paint(w, qtbot, (12, 80, 80), obj)
+    n = int((w.session.labels.array == obj).sum())
+    assert n > 0
+    key(viewer, qtbot, Qt.Key_C)  # clear object
+    assert not (np.asarray(w.labels_layer.data) == obj).any()
+    key(viewer, qtbot, Qt.Key_Z, Qt.ControlModifier)  # undo the clear
+    assert int((np.asarray(w.labels_layer.data) == obj).sum()) == n
+    # Stop here on the painted slice removes it there; a later propagation would not enter it.
+    w.set_slice(12)
+    key(viewer, qtbot, Qt.Key_X)
+    assert 12 in w.stop_slices[obj] and not (w.session.labels.array[12] == obj).any()
+
+
+def test_segment_without_prompt_explains_what_to_do(make_widget, qtbot, monkeypatch):
+    import medsam_plugin.napari._widget as mod
+
+    seen = []
+    monkeypatch.setattr(mod, "_notify", lambda kind, msg: seen.append((kind, msg)))
+    viewer, make = make_widget
+    w = make()
+    w.add_object()
+    assert w.segment_slice() is None
+    assert seen and seen[-1][0] == "warning" and "draw a box" in seen[-1][1]
+    w.propagate()
+    assert "no segmented slice" in seen[-1][1]
+
+
+def test_autosave_is_offered_back(make_widget, qtbot, tmp_path):
+    viewer, make = make_widget
+    w = make()
+    obj = w.add_object("kept")
+    paint(w, qtbot, (10, 70, 90), obj)
+    saved = w.session.labels.array.copy()
+    assert w.autosave_folder is not None and (w.autosave_folder / "state.json").is_file()
+    w.close()
+    # The same scan opened again: "ask" enables the restore button; "restore" brings it back.
+    w_ask = make("ask")
+    assert w_ask.restore_btn.isEnabled()
+    assert not w_ask.session.labels.array.any()
+    assert w_ask.restore_autosave()
+    np.testing.assert_array_equal(w_ask.session.labels.array, saved)
+    np.testing.assert_array_equal(w_ask.labels_layer.data, saved)
+    assert w_ask.session.labels.objects[obj].name == "kept"
+    w_ask.close()
+    w_restore = make("restore")
+    np.testing.assert_array_equal(w_restore.session.labels.array, saved)
+
+
+def test_changing_model_or_device_keeps_the_work(make_widget, qtbot):
+    viewer, make = make_widget
+    w = make()
+    obj = w.add_object("kept")
+    paint(w, qtbot, (8, 60, 60), obj)
+    before = w.session.labels.array.copy()
+    old = w.session
+    w.device_combo.setCurrentText("cpu")
+    assert w.session is not old and w.session.device == "cpu" and not w.session.model_loaded
+    np.testing.assert_array_equal(w.session.labels.array, before)
+    assert w.session.labels.objects[obj].name == "kept"
