@@ -121,3 +121,39 @@ def test_geometry_helpers():
     assert bounding_box_xyxy(np.zeros((3, 3), bool)) is None
     assert tuple(interior_point_yx(mask).astype(int)) == (3, 5) or mask[tuple(interior_point_yx(mask).astype(int))]
     assert mask_iou(mask, mask) == 1.0 and mask_iou(mask, ~mask) == 0.0
+
+
+def _fake_session(truth):
+    from medsam_plugin.engine.session import SegmentationSession
+    from medsam_plugin.io import Volume
+
+    # With an identity affine the axial view of an (i, j, k) array is (k, j, i): reverse the shape.
+    session = SegmentationSession(Volume(np.zeros(truth.shape[::-1], np.float32), np.eye(4)), window="abdomen")
+    assert session.shape_zyx == truth.shape
+    session._predictor = FakePredictor(truth)
+    return session
+
+
+def test_session_undo_restores_seeds_and_per_object_stop_slices():
+    truth = ellipsoid_zyx(shape=(20, 40, 48))
+    session = _fake_session(truth)
+    session_truth = truth
+    obj = session.add_object("blob")
+    session.segment_slice(obj.label_id, 10, box_xyxy=bounding_box_xyxy(session_truth[10]))
+    session.segment_slice(obj.label_id, 12, box_xyxy=bounding_box_xyxy(session_truth[12]))
+    assert sorted(session.seeds[obj.label_id]) == [10, 12]
+    session.undo()
+    assert sorted(session.seeds[obj.label_id]) == [10]
+    session.redo()
+    assert sorted(session.seeds[obj.label_id]) == [10, 12]
+    session.mark_stop(obj.label_id, 15)
+    session.stop_rules = NO_OVERLAP_RULE
+    result = run_to_completion(session.propagate(obj.label_id))
+    assert max(result.slices) == 14 and "stop slice" in result.stopped["up from 12"]
+    other = session.add_object("other")
+    session.segment_slice(other.label_id, 16, box_xyxy=bounding_box_xyxy(session_truth[16]))
+    assert 16 in run_to_completion(session.propagate(other.label_id)).slices  # marks are per object
+    session.clear_object(obj.label_id)
+    assert session.seeds[obj.label_id] == {} and not (session.labels.array == obj.label_id).any()
+    session.undo()
+    assert sorted(session.seeds[obj.label_id]) == [10, 12] and (session.labels.array == obj.label_id).any()

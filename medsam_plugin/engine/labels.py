@@ -29,9 +29,13 @@ class LabelVolume:
     def __init__(self, shape_zyx: tuple[int, int, int], max_undo: int = 50):
         self.array = np.zeros(shape_zyx, dtype=np.uint16)
         self.objects: dict[int, SegmentedObject] = {}
-        self._undo: list[tuple[str, np.ndarray, np.ndarray]] = []  # (what, slice indices, old slices)
-        self._redo: list[tuple[str, np.ndarray, np.ndarray]] = []
+        # History entries: (what, slice indices, those slices before, owner's extra state before).
+        self._undo: list[tuple] = []
+        self._redo: list[tuple] = []
         self.max_undo = max_undo
+        # (snapshot, restore) callables of an owner whose own state (for example a session's seeds)
+        # must travel with undo/redo; None when only the voxels matter.
+        self.extra_state: tuple | None = None
 
     # ------------------------------------------------------------------ objects
     def add_object(self, name: str | None = None, label_id: int | None = None,
@@ -113,9 +117,22 @@ class LabelVolume:
 
     # ------------------------------------------------------------------ history
     def _push(self, what: str, zs: np.ndarray, before: np.ndarray) -> None:
-        self._undo.append((what, zs, before))
+        self._undo.append((what, zs, before, self._snapshot_extra()))
         del self._undo[:-self.max_undo]
         self._redo.clear()
+
+    def _snapshot_extra(self):
+        return self.extra_state[0]() if self.extra_state else None
+
+    def _swap(self, source: list, target: list) -> str | None:
+        if not source:
+            return None
+        what, zs, slices, extra = source.pop()
+        target.append((what, zs, self.array[zs].copy(), self._snapshot_extra()))
+        self.array[zs] = slices
+        if self.extra_state and extra is not None:
+            self.extra_state[1](extra)
+        return what
 
     @property
     def can_undo(self) -> bool:
@@ -127,20 +144,11 @@ class LabelVolume:
 
     def undo(self) -> str | None:
         """Revert the last edit; returns its description, or None when there is nothing to undo."""
-        if not self._undo:
-            return None
-        what, zs, before = self._undo.pop()
-        self._redo.append((what, zs, self.array[zs].copy()))
-        self.array[zs] = before
-        return what
+        return self._swap(self._undo, self._redo)
 
     def redo(self) -> str | None:
-        if not self._redo:
-            return None
-        what, zs, after = self._redo.pop()
-        self._undo.append((what, zs, self.array[zs].copy()))
-        self.array[zs] = after
-        return what
+        """Re-apply the last undone edit; returns its description, or None."""
+        return self._swap(self._redo, self._undo)
 
     # ------------------------------------------------------------------ export
     def export_array(self) -> np.ndarray:

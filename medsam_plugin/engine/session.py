@@ -7,6 +7,7 @@ multi-object label volume with undo. All coordinates here are view coordinates (
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from typing import Generator, Sequence
@@ -49,7 +50,9 @@ class SegmentationSession:
         self._cache = EmbeddingCache(max_bytes=cache_bytes, disk_dir=cache_dir)
         self._lock = threading.RLock()
         self.labels = LabelVolume(self.image_zyx.shape)
+        self.labels.extra_state = (self._snapshot_seeds, self._restore_seeds)  # seeds follow undo/redo
         self.seeds: dict[int, dict[int, SlicePrediction]] = {}
+        self.stop_slices: dict[int, set[int]] = {}  # per object: slices its walks never enter
         self._propagated: dict[int, dict[int, SlicePrediction]] = {}
         self.mode = DEFAULT_MODE
         self.candidates = DEFAULT_CANDIDATES
@@ -83,6 +86,18 @@ class SegmentationSession:
                 self._predictor.set_volume(self.image_u8)
             return self._predictor
 
+    @property
+    def loaded_model(self):
+        """The loaded model (loads it on first use); pass it to other sessions to share it."""
+        return self.predictor.loaded
+
+    def set_model(self, model: str = "lite_medsam", device: str = "auto", loaded_model=None) -> None:
+        """Switch model or device; objects, labels and seeds stay, embeddings are recomputed."""
+        with self._lock:
+            self.model_name, self.device, self._loaded = model, device, loaded_model
+            self._predictor = None
+            self._cache.reset()
+
     def set_window(self, window) -> None:
         """Change the intensity window; embeddings of the old window are dropped."""
         self.window = parse_window(window)
@@ -113,6 +128,28 @@ class SegmentationSession:
     def remove_object(self, label_id: int) -> None:
         self.labels.remove_object(label_id)
         self.seeds.pop(label_id, None)
+        self.stop_slices.pop(label_id, None)
+        self._propagated.pop(label_id, None)
+
+    def clear_object(self, label_id: int) -> int:
+        """Erase an object's voxels and seeds (undoable); the object itself stays in the list."""
+        self._require(label_id)
+        changed = self.labels.clear_object(label_id)
+        self.seeds[label_id] = {}
+        self._propagated.pop(label_id, None)
+        return changed
+
+    def mark_stop(self, label_id: int, z: int, stop: bool = True) -> None:
+        """Mark (or unmark) slice z as one the object's propagation must not enter."""
+        self._require(label_id)
+        marks = self.stop_slices.setdefault(label_id, set())
+        marks.add(int(z)) if stop else marks.discard(int(z))
+
+    def _snapshot_seeds(self) -> dict:
+        return {label: dict(by_z) for label, by_z in self.seeds.items()}
+
+    def _restore_seeds(self, snapshot: dict) -> None:
+        self.seeds = {label: dict(by_z) for label, by_z in snapshot.items()}
 
     def _require(self, label_id: int) -> None:
         if label_id not in self.labels.objects:
@@ -151,8 +188,9 @@ class SegmentationSession:
     def accept(self, label_id: int, pred: SlicePrediction) -> None:
         """Make a slice result a seed of the object and write it into the labels (undoable)."""
         self._require(label_id)
-        self.seeds.setdefault(label_id, {})[pred.z] = pred
+        # Commit first: the undo entry records the seeds as they were before this slice.
         self.labels.commit(label_id, {pred.z: pred.mask_yx}, what=f"segment {label_id} on slice {pred.z}")
+        self.seeds.setdefault(label_id, {})[pred.z] = pred
 
     def remove_seed(self, label_id: int, z: int) -> None:
         self.seeds.get(label_id, {}).pop(z, None)
@@ -170,7 +208,11 @@ class SegmentationSession:
         if not seeds:
             raise ValueError(f"Object {label_id} has no segmented slice yet: prompt it on one slice first.")
         predictor = self.predictor
-        result = yield from propagate(predictor, seeds, mode=mode or self.mode, stop=stop or self.stop_rules,
+        stop = stop or self.stop_rules
+        marked = self.stop_slices.get(label_id)
+        if marked:
+            stop = dataclasses.replace(stop, stop_slices=frozenset(set(stop.stop_slices) | marked))
+        result = yield from propagate(predictor, seeds, mode=mode or self.mode, stop=stop,
                                       direction=direction, cancel=cancel, candidates=self.candidates)
         order = sorted(seeds)
         n = self.shape_zyx[0]

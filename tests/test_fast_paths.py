@@ -1,0 +1,172 @@
+"""The fast image-encoder paths: same masks as fp32, the right choice per machine, a way to force fp32.
+
+No timings here (speed lives in benchmarks/run_all.py). The OpenVINO paths are not built in these
+tests (their one-time conversion takes a minute); their choice logic is.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from medsam_plugin.model import fast
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def spleen_slice(sample_dir, lite_medsam):
+    """(predictor-ready uint8 volume, z, GT box, GT mask) for the spleen sample's largest slice."""
+    from medsam_plugin.engine.propagation import bounding_box_xyxy
+    from medsam_plugin.engine.session import SegmentationSession
+    from medsam_plugin.io import read_labels, read_volume
+
+    case = sample_dir / "ct_spleen_msd_spleen2_crop"
+    volume = read_volume(case / "image.nii.gz")
+    session = SegmentationSession(volume, loaded_model=lite_medsam)
+    truth = session.view.to_view(read_labels(case / "label.nii.gz", volume)) == 1
+    z = int(np.argmax(truth.sum(axis=(1, 2))))
+    return session.image_u8, z, bounding_box_xyxy(truth[z]), truth[z]
+
+
+def _mask(loaded, encoder, spleen_slice):
+    from medsam_plugin.engine.predictor import SlicePredictor
+
+    volume, z, box, _ = spleen_slice
+    predictor = SlicePredictor(loaded, encoder=encoder)
+    predictor.set_volume(volume)
+    return predictor.predict(z, box_xyxy=box).mask_yx, predictor
+
+
+def _dice(a, b):
+    return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+@pytest.mark.parametrize("name", ["fp32-fast", "bf16"])
+def test_fast_paths_give_the_fp32_mask(lite_medsam, spleen_slice, name):
+    reference, ref_predictor = _mask(lite_medsam, None, spleen_slice)
+    path = fast.build_path(lite_medsam, name)
+    mask, predictor = _mask(lite_medsam, path, spleen_slice)
+    assert _dice(mask, reference) > 0.99
+    assert _dice(mask, spleen_slice[3]) > 0.9
+    x = torch.rand(2, 3, 256, 256)  # a batch of two, as precompute sends them
+    with torch.inference_mode():
+        ref = lite_medsam.sam.image_encoder(x)
+    out = path(x)
+    assert out.shape == ref.shape == (2, 256, 64, 64) and out.dtype == torch.float32
+    rel = float((out - ref).norm() / ref.norm())
+    assert rel < (1e-4 if name == "fp32-fast" else 0.1)
+    # A fast path's embeddings never share disk-cache keys with fp32 ones.
+    assert predictor.model_key != ref_predictor.model_key and name in predictor.model_key
+
+
+def test_the_fast_model_does_not_touch_the_source_model(lite_medsam):
+    before = {k: v.clone() for k, v in lite_medsam.sam.image_encoder.state_dict().items()}
+    fast.build_path(lite_medsam, "bf16")
+    after = lite_medsam.sam.image_encoder.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_auto_falls_back_without_native_bf16(lite_medsam, monkeypatch, caplog):
+    monkeypatch.delenv(fast.ENV_VAR, raising=False)
+    monkeypatch.setattr(fast, "cpu_bf16_support", lambda: (False, "CPU lacks amx_bf16/avx512_bf16 (test)"))
+    monkeypatch.setattr(fast, "openvino_available", lambda: False)
+    with caplog.at_level(logging.INFO, logger="medsam_plugin.model.fast"):
+        path = fast.make_encoder(lite_medsam)
+    assert path.name == "fp32-fast" and path.dtype == torch.float32
+    assert "image encoder: fp32-fast" in caplog.text and "lacks" in caplog.text
+    monkeypatch.setattr(fast, "openvino_available", lambda: True)
+    assert fast.choose_mode(lite_medsam)[0] == "openvino-f32"
+
+
+def test_auto_keeps_fp32_numerics_and_bf16_is_opt_in(lite_medsam, monkeypatch, caplog):
+    monkeypatch.delenv(fast.ENV_VAR, raising=False)
+    monkeypatch.setattr(fast, "cpu_bf16_support", lambda: (True, "CPU has amx_bf16 (test)"))
+    monkeypatch.setattr(fast, "openvino_available", lambda: False)
+    assert fast.choose_mode(lite_medsam)[0] == "fp32-fast"
+    monkeypatch.setattr(fast, "openvino_available", lambda: True)
+    assert fast.choose_mode(lite_medsam)[0] == "openvino-f32"
+    monkeypatch.setenv(fast.ENV_VAR, "bf16")
+    with caplog.at_level(logging.INFO, logger="medsam_plugin.model.fast"):
+        path = fast.make_encoder(lite_medsam)
+    assert path.name == "bf16" and "MEDSAM_ENCODER=bf16" in caplog.text
+
+
+def test_the_capability_check_reads_the_cpu_flags(monkeypatch):
+    monkeypatch.setattr(fast, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert fast.cpu_bf16_support()[0] is False
+    monkeypatch.setattr(fast, "cpu_flags", lambda: {"avx512f", "amx_bf16", "amx_tile"})
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert fast.cpu_bf16_support()[0] is True
+
+
+def test_fp32_can_be_forced_by_argument_and_by_environment(lite_medsam, monkeypatch, caplog):
+    monkeypatch.delenv(fast.ENV_VAR, raising=False)
+    with caplog.at_level(logging.INFO, logger="medsam_plugin.model.fast"):
+        assert fast.make_encoder(lite_medsam, mode="fp32") is None
+    assert "fp32 eager" in caplog.text
+    monkeypatch.setenv(fast.ENV_VAR, "fp32")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="medsam_plugin.model.fast"):
+        assert fast.make_encoder(lite_medsam, mode="bf16") is None  # the environment wins
+    assert "MEDSAM_ENCODER=fp32" in caplog.text
+    monkeypatch.setenv(fast.ENV_VAR, "fastest-please")
+    with pytest.raises(ValueError, match="MEDSAM_ENCODER"):
+        fast.make_encoder(lite_medsam)
+
+
+def test_the_session_uses_the_chosen_path(sample_dir, lite_medsam, monkeypatch):
+    from medsam_plugin.engine.session import SegmentationSession
+    from medsam_plugin.io import read_volume
+
+    monkeypatch.setenv(fast.ENV_VAR, "fp32-fast")
+    session = SegmentationSession(read_volume(sample_dir / "ct_spleen_msd_spleen2_crop" / "image.nii.gz"),
+                                  loaded_model=lite_medsam)
+    assert "encoder=fp32-fast" in session.predictor.model_key
+
+
+def test_cuda_path_is_bf16_and_batched_by_construction(lite_medsam, monkeypatch):
+    """No GPU here: the choice on a CUDA device is checked with a stand-in, the bf16 module on CPU."""
+    monkeypatch.delenv(fast.ENV_VAR, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Stand-in GPU")
+    on_cuda = SimpleNamespace(sam=lite_medsam.sam, spec=lite_medsam.spec, device=torch.device("cuda"))
+    assert fast.choose_mode(on_cuda)[0] == "fp32-fast"  # fp32 numerics by default, batched
+    assert fast.choose_mode(on_cuda, "bf16")[0] == "bf16"
+    # OpenVINO is CPU-only: asking for it on CUDA gives the torch path instead.
+    monkeypatch.setattr(fast, "openvino_available", lambda: True)
+    assert fast.choose_mode(on_cuda, "openvino-bf16")[0] == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert fast.choose_mode(on_cuda, "openvino-bf16")[0] == "fp32-fast"
+
+
+def test_precompute_batches_by_the_paths_preference(lite_medsam, spleen_slice):
+    from medsam_plugin.engine.predictor import SlicePredictor
+
+    calls = []
+
+    class Recording:
+        key = "encoder=recording"
+        preferred_batch = 3
+
+        def __call__(self, x):
+            calls.append(x.shape[0])
+            return torch.zeros(x.shape[0], 256, 64, 64)
+
+    predictor = SlicePredictor(lite_medsam, encoder=Recording())
+    predictor.set_volume(spleen_slice[0][:7])
+    assert list(predictor.precompute()) == [3, 6, 7]
+    assert calls == [3, 3, 1]
+    assert "encoder=recording" in predictor.model_key
+
+
+def test_asking_for_bf16_without_native_support_falls_back(lite_medsam, monkeypatch):
+    monkeypatch.delenv(fast.ENV_VAR, raising=False)
+    monkeypatch.setattr(fast, "cpu_bf16_support", lambda: (False, "CPU lacks amx_bf16/avx512_bf16 (test)"))
+    name, why = fast.choose_mode(lite_medsam, "bf16")
+    assert name == "fp32-fast" and "emulated" in why
