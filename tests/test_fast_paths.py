@@ -170,3 +170,16 @@ def test_asking_for_bf16_without_native_support_falls_back(lite_medsam, monkeypa
     monkeypatch.setattr(fast, "cpu_bf16_support", lambda: (False, "CPU lacks amx_bf16/avx512_bf16 (test)"))
     name, why = fast.choose_mode(lite_medsam, "bf16")
     assert name == "fp32-fast" and "emulated" in why
+
+
+def test_openvino_is_imported_without_its_usage_telemetry():
+    """Importing openvino would otherwise report usage to Intel; this tool never sends anything."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("openvino", reason="OpenVINO is optional (the `fast` extra)")
+    code = ("import sys; from medsam_plugin.model.fast import import_openvino; import_openvino(); "
+            "import openvino.tools.ovc.telemetry_utils as t, openvino.tools.ovc.convert_impl as c; "
+            "print(t.tm.__name__, c.tm.__name__, sys.modules.get('openvino_telemetry'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["openvino.tools.ovc.telemetry_stub", "openvino.tools.ovc.telemetry_stub", "None"]

@@ -30,6 +30,7 @@ import copy
 import logging
 import os
 import platform
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -307,7 +308,7 @@ class OpenVINOPath:
     def __init__(self, loaded, precision: str, reason: str = "", cache_dir=None):
         import threading
 
-        import openvino as ov
+        ov = import_openvino()
 
         self.name = f"openvino-{precision}"
         self.reason = reason
@@ -354,6 +355,20 @@ class OpenVINOPath:
             return torch.from_numpy(out.copy())
 
 
+def import_openvino():
+    """Import OpenVINO with its usage telemetry switched off.
+
+    Importing `openvino` (and `ov.convert_model`) reports usage to Intel unless the user opted out;
+    this tool never sends anything anywhere. Hiding the `openvino_telemetry` package makes
+    OpenVINO fall back to its own no-op stub, for this process.
+    """
+    if "openvino" not in sys.modules and "openvino_telemetry" not in sys.modules:
+        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]
+    import openvino
+
+    return openvino
+
+
 def openvino_available() -> bool:
     import importlib.util
 
@@ -365,7 +380,7 @@ def openvino_ir_path(encoder: nn.Module, image_size: int, cache_dir=None):
     import hashlib
     from pathlib import Path
 
-    import openvino as ov
+    ov = import_openvino()
 
     digest = hashlib.sha1(f"body-v2:{ov.__version__}:{torch.__version__}:{image_size}".encode())
     for name, tensor in sorted(encoder.state_dict().items()):
