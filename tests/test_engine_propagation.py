@@ -157,3 +157,12 @@ def test_session_undo_restores_seeds_and_per_object_stop_slices():
     assert session.seeds[obj.label_id] == {} and not (session.labels.array == obj.label_id).any()
     session.undo()
     assert sorted(session.seeds[obj.label_id]) == [10, 12] and (session.labels.array == obj.label_id).any()
+
+
+def test_an_empty_seed_ends_its_walks_with_a_reason():
+    fake = FakePredictor(ellipsoid_zyx())
+    empty = fake.predict(2, box_xyxy=[0, 0, 3, 3])  # the object is not on slice 2
+    assert not empty.mask_yx.any()
+    result = run_to_completion(propagate(fake, {2: empty, **seed(fake, 10)}, stop=NO_OVERLAP_RULE))
+    assert "seed on slice 2 is empty" in result.stopped["down from 2"]
+    assert 11 in result.slices  # the other seed still walks

@@ -135,6 +135,8 @@ def prompt_from_previous(previous: SlicePrediction, mode: str, slice_hw: tuple[i
     if mode not in PROMPT_MODES:
         raise ValueError(f"Unknown propagation mode {mode!r}; choose one of {', '.join(PROMPT_MODES)}.")
     kwargs: dict = {}
+    if not previous.mask_yx.any():
+        raise ValueError(f"Slice {previous.z} holds no mask to propagate from; segment the object there first.")
     if "box" in mode:
         box = bounding_box_xyxy(previous.mask_yx)
         margin = BOX_MARGIN_256 * max(slice_hw) / 256.0
@@ -158,11 +160,14 @@ def choose_consistent(pred: SlicePrediction, previous: SlicePrediction) -> Slice
                            iou=float(pred.all_ious[best]), prompt=pred.prompt)
 
 
-def _walk(predictor, start: SlicePrediction, targets: Iterable[int], mode: str, stop: StopRules,
+def _walk(predictor, start: SlicePrediction, targets: list[int], mode: str, stop: StopRules,
           seed_z: int, cancel: threading.Event | None = None, candidates: str = DEFAULT_CANDIDATES) -> Generator[tuple[int, SlicePrediction | None, str | None], None, None]:
     """Visit `targets` in order from `start`; yields (z, prediction or None, stop reason or None)."""
     previous = start
     hw = predictor.volume.shape[1:]
+    if targets and not start.mask_yx.any():
+        yield targets[0], None, f"the seed on slice {start.z} is empty"
+        return
     for z in targets:
         if cancel is not None and cancel.is_set():
             raise PropagationCancelled("Propagation was cancelled; nothing was changed.")
