@@ -166,3 +166,25 @@ def test_an_empty_seed_ends_its_walks_with_a_reason():
     result = run_to_completion(propagate(fake, {2: empty, **seed(fake, 10)}, stop=NO_OVERLAP_RULE))
     assert "seed on slice 2 is empty" in result.stopped["down from 2"]
     assert 11 in result.slices  # the other seed still walks
+
+
+def test_a_correction_repropagates_only_until_the_result_agrees_again():
+    truth = ellipsoid_zyx(shape=(20, 40, 48))
+    session = _fake_session(truth)
+    session.stop_rules = NO_OVERLAP_RULE
+    obj = session.add_object("blob")
+    session.segment_slice(obj.label_id, 10, box_xyxy=bounding_box_xyxy(truth[10]))
+    run_to_completion(session.propagate(obj.label_id))
+    # Spoil slices 13 and 14 as a drifting walk would, then correct slice 12.
+    spoiled = session.labels.array.copy()
+    spoiled[13:15][spoiled[13:15] == obj.label_id] = 0
+    session.labels.set_array(spoiled, "drift")
+    calls = len(session.predictor.calls)
+    session.segment_slice(obj.label_id, 12, box_xyxy=bounding_box_xyxy(truth[12]))
+    result = run_to_completion(session.propagate(obj.label_id, from_slice=12))
+    visited = [z for z, _ in session.predictor.calls[calls + 1:]]
+    assert visited == [11, 13, 14, 15]  # 11 and 15 already agree: the walks end there
+    assert result.stopped["down from 12"] == "agrees with the existing result at slice 11"
+    assert np.array_equal(session.labels.array == obj.label_id, truth)
+    session.stop_here(obj.label_id, 15)
+    assert not (session.labels.array[15:] == obj.label_id).any() and (session.labels.array[14] == obj.label_id).any()

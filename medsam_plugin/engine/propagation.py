@@ -43,6 +43,9 @@ class StopRules:
     max_distance: at most this many slices from the nearest seed (None: no limit).
     z_range: inclusive (z_min, z_max) the walk may not leave (None: whole volume).
     stop_slices: slices a user marked as "stop here"; the walk never enters them.
+    agree_with: (Z, H, W) bool, the object's current result; with it a walk ends where its new
+        mask agrees with that result (IoU >= agree_iou): a correction changes only the slices
+        it really changes.
     """
 
     min_area: int = 1
@@ -51,6 +54,8 @@ class StopRules:
     max_distance: int | None = None
     z_range: tuple[int, int] | None = None
     stop_slices: frozenset = field(default_factory=frozenset)
+    agree_with: np.ndarray | None = field(default=None, compare=False, repr=False)
+    agree_iou: float = 0.9
 
     def allows(self, z: int, distance: int) -> str | None:
         """None if slice z may be visited, else the reason it may not."""
@@ -72,6 +77,8 @@ class StopRules:
         if self.min_iou_with_previous is not None:
             if mask_iou(new.mask_yx, previous.mask_yx) < self.min_iou_with_previous:
                 return "low overlap with previous slice"
+        if self.agree_with is not None and mask_iou(new.mask_yx, self.agree_with[new.z]) >= self.agree_iou:
+            return "agrees with the existing result"
         return None
 
 

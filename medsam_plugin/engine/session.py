@@ -200,10 +200,14 @@ class SegmentationSession:
 
     # ------------------------------------------------------------------ volume
     def propagate(self, label_id: int, direction: str = "both", mode: str | None = None,
-                  stop: StopRules | None = None, cancel: threading.Event | None = None
-                  ) -> Generator[Progress, None, PropagationResult]:
+                  stop: StopRules | None = None, cancel: threading.Event | None = None,
+                  from_slice: int | None = None) -> Generator[Progress, None, PropagationResult]:
         """Propagate an object from its seeds; commits to the labels only when it finishes.
 
+        from_slice: re-propagate after a correction on that (seeded) slice only: walk outwards
+            from it until the new masks agree with the existing result or reach another seed,
+            and change only the slices in between. Without it, the whole object is redone from
+            all its seeds.
         A cancelled or failed run leaves the labels exactly as they were.
         """
         self._require(label_id)
@@ -212,27 +216,57 @@ class SegmentationSession:
             raise ValueError(f"Object {label_id} has no segmented slice yet: prompt it on one slice first.")
         predictor = self.predictor
         stop = stop or self.stop_rules
-        marked = self.stop_slices.get(label_id)
+        marked = set(self.stop_slices.get(label_id, set()))
+        current = self.labels.array == label_id
+        if from_slice is not None:
+            if from_slice not in seeds:
+                raise ValueError(f"Slice {from_slice} is not a segmented slice of object {label_id}.")
+            marked |= set(seeds) - {from_slice}  # other seeds stay as the user made them
+            stop = dataclasses.replace(stop, agree_with=current)
+            seeds = {from_slice: seeds[from_slice]}
         if marked:
             stop = dataclasses.replace(stop, stop_slices=frozenset(set(stop.stop_slices) | marked))
         result = yield from propagate(predictor, seeds, mode=mode or self.mode, stop=stop,
                                       direction=direction, cancel=cancel, candidates=self.candidates)
-        order = sorted(seeds)
-        n = self.shape_zyx[0]
-        if direction == "both":
-            affected = range(n)
-        elif direction == "up":
-            affected = range(order[0], n)
+        if from_slice is not None:
+            masks = {z: p.mask_yx for z, p in result.predictions.items()}
         else:
-            affected = range(0, order[-1] + 1)
-        empty = np.zeros(self.shape_zyx[1:], dtype=bool)
-        masks = {z: (result.predictions[z].mask_yx if z in result.predictions else empty) for z in affected}
-        # Only slices that held this object or gain it need rewriting.
-        holds = (self.labels.array == label_id).any(axis=(1, 2))
-        masks = {z: m for z, m in masks.items() if holds[z] or m.any()}
+            order = sorted(seeds)
+            n = self.shape_zyx[0]
+            if direction == "both":
+                affected = range(n)
+            elif direction == "up":
+                affected = range(order[0], n)
+            else:
+                affected = range(0, order[-1] + 1)
+            empty = np.zeros(self.shape_zyx[1:], dtype=bool)
+            masks = {z: (result.predictions[z].mask_yx if z in result.predictions else empty) for z in affected}
+            # Only slices that held this object or gain it need rewriting.
+            holds = current.any(axis=(1, 2))
+            masks = {z: m for z, m in masks.items() if holds[z] or m.any()}
         self.labels.commit(label_id, masks, what=f"propagate {label_id}")
-        self._propagated[label_id] = dict(result.predictions)
+        self._propagated.setdefault(label_id, {}).update(result.predictions)
         return result
+
+    def stop_here(self, label_id: int, z: int) -> int:
+        """The object ends before slice z: mark it, and erase the object from z outwards (undoable).
+
+        "Outwards" is away from the object's seeds; returns the number of voxels erased.
+        """
+        self._require(label_id)
+        self.mark_stop(label_id, z)
+        seeds = sorted(self.seeds.get(label_id, {}))
+        n = self.shape_zyx[0]
+        if seeds and all(s < z for s in seeds):
+            beyond = range(z, n)
+        elif seeds and all(s > z for s in seeds):
+            beyond = range(0, z + 1)
+        else:
+            beyond = range(z, z + 1)
+        changed = self.labels.clear_object(label_id, beyond)
+        for s in beyond:
+            self.seeds.get(label_id, {}).pop(s, None)
+        return changed
 
     def undo(self) -> str | None:
         return self.labels.undo()

@@ -1,5 +1,6 @@
 """A simulated expert: draws the ground-truth box where the object is largest, lets the tool
-propagate, then clicks on the largest remaining error and lets it re-propagate."""
+propagate, then corrects the worst slice and lets it re-propagate: a click at the centre of the
+largest error region, or, where the walk ran past the object's end, "stop here" on that slice."""
 
 from __future__ import annotations
 
@@ -80,16 +81,23 @@ def simulate_object(session, truth_zyx: np.ndarray, label_id: int, name: str = "
         if click is None:
             break
         z, point, kind = click
-        pts = clicks_on.setdefault(z, [])
-        pts.append((point, kind))
-        seed = session.seeds[label_id].get(z)
-        if seed is not None and seed.prompt.get("box_xyxy") is not None:
-            box_z = seed.prompt["box_xyxy"]
+        if not truth_zyx[z].any():
+            # The walk ran past the object's end: an expert marks "stop here" on the first slice
+            # beyond it (clearing everything further out) rather than clicking.
+            present = np.flatnonzero(areas)
+            session.stop_here(label_id, int(present[-1] + 1 if z > present[-1] else present[0] - 1))
         else:
-            box_z = bounding_box_xyxy(pred[z]) if pred[z].any() else None
-        session.segment_slice(label_id, z, points_yx=np.array([p for p, _ in pts]),
-                              point_labels=np.array([k for _, k in pts]), box_xyxy=box_z, multimask=False)
-        result = run_to_completion(session.propagate(label_id, mode=mode, stop=stop))
+            pts = clicks_on.setdefault(z, [])
+            pts.append((point, kind))
+            seed = session.seeds[label_id].get(z)
+            if seed is not None and seed.prompt.get("box_xyxy") is not None:
+                box_z = seed.prompt["box_xyxy"]
+            else:
+                box_z = bounding_box_xyxy(pred[z]) if pred[z].any() else None
+            session.segment_slice(label_id, z, points_yx=np.array([p for p, _ in pts]),
+                                  point_labels=np.array([k for _, k in pts]), box_xyxy=box_z, multimask=False)
+            # Only the neighbours this correction really changes are redone.
+            run_to_completion(session.propagate(label_id, mode=mode, stop=stop, from_slice=z))
         pred = session.labels.array == label_id
         rounds.append(dice(pred, truth_zyx))
     return ObjectScore(
