@@ -43,7 +43,7 @@ bench: install
 	$(BIN)/python benchmarks/run_all.py
 
 screenshot: install system-deps
-	$(BIN)/python scripts/screenshot.py
+	xvfb-run -a $(BIN)/python scripts/screenshot.py
 
 clean:
 	rm -rf demo_output .pytest_cache

@@ -932,7 +932,8 @@ class MedSAMWidget(QWidget):
                 self._accept_pending()
                 from qtpy.QtCore import QTimer
 
-                QTimer.singleShot(0, lambda: self.propagate("both"))
+                # Only the neighbours the correction really changes are redone.
+                QTimer.singleShot(0, lambda: self.propagate("both", from_slice=z))
 
         self._run(work, f"Segmenting slice {z}", on_return=done)
         return self.task
@@ -965,8 +966,11 @@ class MedSAMWidget(QWidget):
             self._set_status("Nothing to accept: segment a slice first (S).")
 
     # ================================================================== propagate
-    def propagate(self, direction: str = "both"):
-        """Propagate the current object from its seeds (up, down or both), slice by slice."""
+    def propagate(self, direction: str = "both", from_slice: int | None = None):
+        """Propagate the current object from its seeds (up, down or both), slice by slice.
+
+        from_slice: after a correction there, re-propagate outwards only until the result agrees.
+        """
         if not self._ready("propagate"):
             return None
         self._sync_paint()
@@ -988,7 +992,8 @@ class MedSAMWidget(QWidget):
                 yield Progress(0, 1, f"loading model {session.model_name}")
                 session.predictor  # noqa: B018
             state["last"] = time.perf_counter()
-            result = yield from session.propagate(label_id, direction=direction, stop=rules, cancel=cancel)
+            result = yield from session.propagate(label_id, direction=direction, stop=rules, cancel=cancel,
+                                                  from_slice=from_slice)
             return result
 
         def step(progress):
