@@ -25,16 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 TOLERANCE = 0.005
 
-# Case -> label values evaluated (the labels FACTS.md measured, plus every BraTS tumour sub-region).
-LABELS = {
-    "ct_spleen_msd_spleen2_crop": [1],
-    "ct_abdomen_totalseg_sm": [5],
-    "mr_abdomen_totalseg_sm": [5],
-    "mr_spinalcord_ivadomed_t2w": [1],
-    "mr_brain_edema_brats2021_01646": [1],
-    "mr_brain_tumour_brats_2013_pat0001_1": [1, 2, 4],
-    "mr_brain_tumour_brats_2013_pat0002_1": [2, 4],
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_modes import DEFAULT_LABELS as LABELS  # noqa: E402  (one list of evaluated labels)
 
 
 def one_box_dice(volume, truth_ijk, label: int, loaded, path_name: str, cache_dir) -> tuple[float, int, float]:
