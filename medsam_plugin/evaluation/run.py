@@ -32,8 +32,11 @@ def evaluate_case(image_path, label_path, labels: Iterable[int] | None = None, c
     missing = [v for v in chosen if v not in present]
     if missing:
         raise ValueError(f"Label value(s) {missing} do not occur in {label_path}; present: {present}.")
+    # Smallest structures first, as an expert segments nested regions (tumour core before the
+    # oedema around it): the first object to claim a voxel keeps it.
+    sizes = {v: int((truth_zyx == v).sum()) for v in chosen}
     scores = []
-    for i, label_id in enumerate(chosen):
+    for i, label_id in enumerate(sorted(chosen, key=lambda v: sizes[v])):
         if progress is not None:
             progress(label_id, i, len(chosen))
         name = (label_names or {}).get(label_id, f"label {label_id}")
@@ -47,7 +50,7 @@ def evaluate_case(image_path, label_path, labels: Iterable[int] | None = None, c
         "mode": mode or session.mode,
         "axis": axis,
         "clicks": clicks,
-        "objects": [s.as_dict() for s in scores],
+        "objects": sorted((s.as_dict() for s in scores), key=lambda o: o["label"]),
         "mean_dice": float(np.mean([s.dice for s in scores])) if scores else float("nan"),
         "mean_nsd": float(np.mean([s.nsd for s in scores])) if scores else float("nan"),
         "slices_encoded": predictor.encode_count,
