@@ -1032,20 +1032,8 @@ class MedSAMWidget(QWidget):
         label_id = self._ensure_object()
         self._accept_pending()
         z = self.current_z()
-        seeds = sorted(self.session.seeds.get(label_id, {}))
-        self.session.remove_seed(label_id, z)
-        n = self.session.shape_zyx[0]
-        if seeds and all(s < z for s in seeds):
-            zs = range(z, n)
-        elif seeds and all(s > z for s in seeds):
-            zs = range(0, z + 1)
-        else:
-            zs = [z]
+        self.session.stop_here(label_id, z)
         self.stop_slices.setdefault(label_id, set()).add(z)
-        self.session.labels.clear_object(label_id, zs)
-        for s in list(self.session.seeds.get(label_id, {})):
-            if s in zs:
-                self.session.remove_seed(label_id, s)
         self._show_labels()
         self._autosave()
         self._set_status(f"Object stops at slice {z}: later propagations will not enter it.")
@@ -1060,8 +1048,7 @@ class MedSAMWidget(QWidget):
             self._drop_pending()
             self._set_status("Discarded the slice preview.")
             return
-        what = self.session.undo()
-        self._drop_stale_seeds()
+        what = self.session.undo()  # seeds travel with the history
         self._show_labels()
         self._refresh_objects()
         if what:
@@ -1073,19 +1060,10 @@ class MedSAMWidget(QWidget):
             return
         self._sync_paint()
         what = self.session.redo()
-        self._drop_stale_seeds()
         self._show_labels()
         if what:
             self._autosave()
         self._set_status(f"Redid: {what}." if what else "Nothing to redo.")
-
-    def _drop_stale_seeds(self) -> None:
-        """Forget seeds on slices that no longer hold their object (the engine's undo keeps seeds)."""
-        arr = self.session.labels.array
-        for label_id, seeds in self.session.seeds.items():
-            for z in list(seeds):
-                if not (arr[z] == label_id).any():
-                    self.session.remove_seed(label_id, z)
 
     def clear_object(self) -> None:
         """Remove all voxels, seeds, prompts and stop slices of the current object (undoable voxels)."""
@@ -1096,9 +1074,8 @@ class MedSAMWidget(QWidget):
             return
         label_id = self.current_label
         self._drop_pending()
-        self.session.labels.clear_object(label_id)
-        for z in list(self.session.seeds.get(label_id, {})):
-            self.session.remove_seed(label_id, z)
+        self.session.clear_object(label_id)
+        self.session.stop_slices.pop(label_id, None)
         self.stop_slices[label_id] = set()
         self._propagated.discard(label_id)
         self.prompts.pop(label_id, None)
