@@ -299,7 +299,14 @@ import json, os, resource, sys, tempfile, time
 import numpy as np
 sys.path.insert(0, sys.argv[1])
 mode, span = sys.argv[2], int(sys.argv[3])
-def rss_mb(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def rss_mb():
+    # VmHWM: this process's own peak. ru_maxrss is not reset by exec on Linux, so it would
+    # report the parent benchmark's peak instead.
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(l.split()[1]) for l in status if l.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 from medsam_plugin.io.volume import Volume
 from medsam_plugin.engine.session import SegmentationSession
 from medsam_plugin.engine.propagation import StopRules, bounding_box_xyxy, run_to_completion

@@ -20,6 +20,7 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
     "bone": (400.0, 1800.0),
 }
 MR_PERCENTILES = (0.5, 99.5)
+NORMALIZE_CHUNK = 16  # slices per step of normalize_volume
 
 WindowSpec = Union[None, str, Sequence[float]]
 
@@ -81,21 +82,26 @@ def normalize_volume(view_zyx: np.ndarray, modality: str = "CT", window: WindowS
     choice = parse_window(window)
     if choice is None:
         choice = WINDOW_PRESETS["abdomen"] if str(modality).upper() == "CT" else "mr"
-    data = np.asarray(view_zyx, dtype=np.float32)
+    data = np.asarray(view_zyx)
     if choice == "mr":
         nonzero = data[data != 0]
         if nonzero.size == 0:
             return np.zeros(data.shape, dtype=np.uint8)
-        lower, upper = np.percentile(nonzero, MR_PERCENTILES)
+        lower, upper = (float(v) for v in np.percentile(nonzero, MR_PERCENTILES))
+        del nonzero
     else:
         level, width = choice
         lower, upper = level - width / 2.0, level + width / 2.0
+    out = np.zeros(data.shape, dtype=np.uint8)
     if upper <= lower:
-        return np.zeros(data.shape, dtype=np.uint8)
-    scaled = (np.clip(data, lower, upper) - lower) / (upper - lower) * 255.0
-    out = np.rint(scaled).astype(np.uint8)
-    if choice == "mr":
-        out[data == 0] = 0  # background stays background, as in MedSAM's MR preprocessing
+        return out
+    # A few slices at a time: float temporaries of a 512x512x600 CT would otherwise take GBs.
+    for z0 in range(0, data.shape[0], NORMALIZE_CHUNK):
+        chunk = data[z0:z0 + NORMALIZE_CHUNK].astype(np.float32)
+        scaled = (np.clip(chunk, lower, upper) - lower) * np.float32(255.0 / (upper - lower))
+        out[z0:z0 + NORMALIZE_CHUNK] = np.rint(scaled)
+        if choice == "mr":
+            out[z0:z0 + NORMALIZE_CHUNK][chunk == 0] = 0  # background stays background, as in MedSAM's MR preprocessing
     return out
 
 
