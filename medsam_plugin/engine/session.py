@@ -109,7 +109,7 @@ class SegmentationSession:
                    cancel: threading.Event | None = None) -> Generator[Progress, None, int]:
         """Encode slices ahead of time (all by default); yields Progress, returns slices encoded.
 
-        batch_size: None lets the encoder path choose (1 on CPU, 8 on CUDA, as measured).
+        batch_size: None lets the encoder path choose (8 with OpenVINO or CUDA, 1 for torch on CPU, as measured).
         """
         predictor = self.predictor
         zs = list(range(self.shape_zyx[0])) if zs is None else list(zs)
