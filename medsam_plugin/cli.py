@@ -83,6 +83,7 @@ def _check_output_folder(out: Path) -> None:
 
 def cmd_segment(args) -> int:
     from .engine.prompts import load_prompts, parse_prompts
+    from .engine.propagation import run_to_completion
     from .engine.session import SegmentationSession
     from .io import read_labels, read_volume
 
@@ -103,17 +104,13 @@ def cmd_segment(args) -> int:
             session.segment_slice(obj.label_id, sp.z, points_yx=sp.points_yx or None,
                                   point_labels=sp.point_labels or None, box_xyxy=sp.box_xyxy)
         if obj.direction != "none":
-            gen = session.propagate(obj.label_id, direction=obj.direction)
             bar = _progress_bar(session.shape_zyx[0], f"{obj.name}")
-            while True:
-                try:
-                    progress = next(gen)
-                except StopIteration as done:
-                    result = done.value
-                    break
-                bar.total = progress.total
-                bar.n = progress.done
+
+            def show(progress, bar=bar):
+                bar.total, bar.n = progress.total, progress.done
                 bar.refresh()
+
+            result = run_to_completion(session.propagate(obj.label_id, direction=obj.direction), callback=show)
             bar.close()
             print(f"{obj.name} (label {obj.label_id}): slices {min(result.slices)}-{max(result.slices)} "
                   f"({len(result.slices)} slices); stopped: "

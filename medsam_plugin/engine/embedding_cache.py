@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+
+from ..io.atomic import atomic_write
 
 EMBEDDING_BYTES_FP16 = 256 * 64 * 64 * 2
 
@@ -104,15 +105,12 @@ class EmbeddingCache:
 
 
 def _atomic_save_npy(path: Path, value: np.ndarray) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:  # a file object: np.save would add ".npy" to a name
+            np.save(handle, value)
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, value)
-        os.replace(tmp, path)
+        atomic_write(path, write, suffix=".tmp")
     except OSError:
-        # A full or read-only cache disk only costs speed, never the result.
-        try:
-            os.unlink(tmp)  # noqa: F821 - tmp exists when mkstemp succeeded
-        except (OSError, UnboundLocalError):
-            pass
+        pass  # a full or read-only cache disk only costs speed, never the result

@@ -137,6 +137,25 @@ def interior_point_yx(mask_yx: np.ndarray) -> np.ndarray:
     return np.array(np.unravel_index(int(np.argmax(dist)), mask_yx.shape), dtype=np.float32)
 
 
+def largest_error_region(truth_yx: np.ndarray, pred_yx: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """The largest connected region where a mask misses the truth (label 1) or exceeds it (label 0).
+
+    Returns (region mask, click label), or None when the mask equals the truth. Missed regions win ties.
+    """
+    from scipy.ndimage import label as connected_components
+
+    best = None
+    for kind, region in ((1, truth_yx & ~pred_yx), (0, pred_yx & ~truth_yx)):
+        comps, count = connected_components(region)
+        if count == 0:
+            continue
+        sizes = np.bincount(comps.ravel())[1:]
+        biggest = int(np.argmax(sizes)) + 1
+        if best is None or sizes[biggest - 1] > best[0]:
+            best = (sizes[biggest - 1], kind, comps == biggest)
+    return None if best is None else (best[2], best[1])
+
+
 def prompt_from_previous(previous: SlicePrediction, mode: str, slice_hw: tuple[int, int]) -> dict:
     """Keyword arguments for `SlicePredictor.predict` that carry `previous` to its neighbour."""
     if mode not in PROMPT_MODES:

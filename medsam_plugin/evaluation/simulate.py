@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..engine.propagation import bounding_box_xyxy, interior_point_yx, run_to_completion
+from ..engine.propagation import bounding_box_xyxy, interior_point_yx, largest_error_region, run_to_completion
 from .metrics import dice, normalized_surface_dice
 
 log = logging.getLogger(__name__)
@@ -36,25 +36,12 @@ class ObjectScore:
 
 def largest_error_click(pred_zyx: np.ndarray, truth_zyx: np.ndarray):
     """(z, point_yx, label) at the centre of the largest error region of the worst slice, or None."""
-    from scipy.ndimage import label as connected_components
-
-    fn = truth_zyx & ~pred_zyx
-    fp = pred_zyx & ~truth_zyx
-    errors = (fn | fp).sum(axis=(1, 2))
+    errors = (pred_zyx ^ truth_zyx).sum(axis=(1, 2))
     if errors.max() == 0:
         return None
     z = int(np.argmax(errors))
-    best = None
-    for kind, region in ((1, fn[z]), (0, fp[z])):
-        comps, count = connected_components(region)
-        if count == 0:
-            continue
-        sizes = np.bincount(comps.ravel())[1:]
-        biggest = int(np.argmax(sizes)) + 1
-        if best is None or sizes[biggest - 1] > best[0]:
-            best = (sizes[biggest - 1], kind, comps == biggest)
-    _, kind, component = best
-    return z, interior_point_yx(component), kind
+    region, kind = largest_error_region(truth_zyx[z], pred_zyx[z])
+    return z, interior_point_yx(region), kind
 
 
 def simulate_object(session, truth_zyx: np.ndarray, label_id: int, name: str = "", clicks: int = 0,

@@ -47,7 +47,3 @@ def default_label_color(label_id: int) -> tuple[int, int, int]:
 def default_palette(label_ids: Iterable[int]) -> dict[int, tuple[int, int, int]]:
     """{id: (r, g, b)} with `default_label_color` for each id."""
     return {int(i): default_label_color(int(i)) for i in label_ids}
-
-
-# The short name the napari layer uses.
-label_color = default_label_color

@@ -534,9 +534,9 @@ class MedSAMWidget(QWidget):
         obj = self.session.labels.objects.get(label_id) if self.session else None
         if obj is not None:
             return obj.color
-        from ..io.colors import label_color
+        from ..io.colors import default_label_color
 
-        return label_color(label_id)
+        return default_label_color(label_id)
 
     def _refresh_objects(self) -> None:
         """Rebuild the list, the Labels colormap and the writer metadata from the session."""

@@ -77,7 +77,7 @@ def labels_for_source(data_zyx: np.ndarray, meta: dict):
 def write_labels(path: str, data: Any, meta: dict) -> list[str]:
     """npe2 single-layer writer for Labels layers; returns the paths written."""
     from ..io import write_label_map
-    from ..io.colors import label_color
+    from ..io.colors import default_label_color
 
     path = _with_extension(os.fspath(path))
     labels_ijk, reference = labels_for_source(data, meta)
@@ -87,7 +87,7 @@ def write_labels(path: str, data: Any, meta: dict) -> list[str]:
     colors = {int(k): tuple(v) for k, v in (md.get(META_COLORS) or {}).items()}
     for i in ids:
         names.setdefault(i, f"label {i}")
-        colors.setdefault(i, label_color(i))
+        colors.setdefault(i, default_label_color(i))
     written = write_label_map(path, labels_ijk, reference, names=names, colors=colors)
     from ..io import sidecar_paths
 

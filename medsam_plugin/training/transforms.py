@@ -23,7 +23,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable, Transform
 
 from ..engine.preprocessing import SliceGeometry, normalize_volume
-from ..engine.propagation import bounding_box_xyxy, interior_point_yx, prompt_from_previous
+from ..engine.propagation import bounding_box_xyxy, interior_point_yx, largest_error_region, prompt_from_previous
 
 LOWRES = 256  # side of the decoder's low-res logits, and of LiteMedSAM's input
 DEFAULT_MIN_AREA = 10  # pixels: a slice with less of an object does not count as labelled
@@ -418,19 +418,10 @@ class SimulatePromptsd(Randomizable, MapTransform):
     @staticmethod
     def _click(gt_t: np.ndarray, prev: np.ndarray) -> tuple[np.ndarray, int]:
         """Centre of the largest disagreement between the truth and a previous mask, and its label."""
-        from scipy.ndimage import label as components
-
-        best = None
-        for kind, region in ((1, gt_t & ~prev), (0, prev & ~gt_t)):
-            comps, count = components(region)
-            if count == 0:
-                continue
-            sizes = np.bincount(comps.ravel())[1:]
-            k = int(np.argmax(sizes)) + 1
-            if best is None or sizes[k - 1] > best[0]:
-                best = (sizes[k - 1], kind, comps == k)
-        if best is None:  # nothing to correct: a confirming click inside the object
+        error = largest_error_region(gt_t, prev)
+        if error is None:  # nothing to correct: a confirming click inside the object
             if gt_t.any():
                 return interior_point_yx(gt_t), 1
             return interior_point_yx(~prev), 0
-        return interior_point_yx(best[2]), best[1]
+        region, kind = error
+        return interior_point_yx(region), kind
