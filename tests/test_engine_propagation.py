@@ -159,6 +159,33 @@ def test_session_undo_restores_seeds_and_per_object_stop_slices():
     assert sorted(session.seeds[obj.label_id]) == [10, 12] and (session.labels.array == obj.label_id).any()
 
 
+def test_session_set_model_keeps_the_work_and_drops_the_old_models_embeddings():
+    truth = ellipsoid_zyx(shape=(20, 40, 48))
+    session = _fake_session(truth)
+    session.stop_rules, session.mode = NO_OVERLAP_RULE, "box+mask"
+    obj = session.add_object("blob")
+    session.segment_slice(obj.label_id, 10, box_xyxy=bounding_box_xyxy(truth[10]))
+    session.segment_slice(obj.label_id, 12, box_xyxy=bounding_box_xyxy(truth[12]))
+    session.mark_stop(obj.label_id, 15)
+    session._cache.put(10, np.ones((256, 64, 64), np.float32))
+    labels, window = session.labels.array.copy(), session.window
+
+    session.set_model("sam_vit_b", "cpu")
+    assert (session.model_name, session.device, session.model_loaded) == ("sam_vit_b", "cpu", False)
+    assert 10 not in session._cache and session._cache.bytes_in_memory == 0
+    np.testing.assert_array_equal(session.labels.array, labels)
+    assert session.labels.objects[obj.label_id].name == "blob"
+    assert sorted(session.seeds[obj.label_id]) == [10, 12] and session.stop_slices[obj.label_id] == {15}
+    assert session.stop_rules == NO_OVERLAP_RULE and session.mode == "box+mask" and session.window == window
+    # The undo history still restores this session's seeds.
+    session.undo()
+    assert sorted(session.seeds[obj.label_id]) == [10] and not (session.labels.array[12] == obj.label_id).any()
+    # The next propagation uses the new model and still honours the stop slice.
+    session._predictor = FakePredictor(truth)
+    result = run_to_completion(session.propagate(obj.label_id))
+    assert max(result.slices) == 14
+
+
 def test_an_empty_seed_ends_its_walks_with_a_reason():
     fake = FakePredictor(ellipsoid_zyx())
     empty = fake.predict(2, box_xyxy=[0, 0, 3, 3])  # the object is not on slice 2

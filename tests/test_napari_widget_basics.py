@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -93,7 +95,9 @@ def test_painting_syncs_undo_clear_and_stop(make_widget, qtbot):
     # Stop here on the painted slice removes it there; a later propagation would not enter it.
     w.set_slice(12)
     key(viewer, qtbot, Qt.Key_X)
-    assert 12 in w.stop_slices[obj] and not (w.session.labels.array[12] == obj).any()
+    assert w.session.stop_slices[obj] == {12} and not (w.session.labels.array[12] == obj).any()
+    key(viewer, qtbot, Qt.Key_C)  # clearing the object also forgets where it stops
+    assert not w.session.stop_slices.get(obj)
 
 
 def test_segment_without_prompt_explains_what_to_do(make_widget, qtbot, monkeypatch):
@@ -115,8 +119,11 @@ def test_autosave_is_offered_back(make_widget, qtbot, tmp_path):
     w = make()
     obj = w.add_object("kept")
     paint(w, qtbot, (10, 70, 90), obj)
+    w.set_slice(14)
+    w.stop_here()
     saved = w.session.labels.array.copy()
     assert w.autosave_folder is not None and (w.autosave_folder / "state.json").is_file()
+    assert json.loads((w.autosave_folder / "state.json").read_text())["stop_slices"] == {str(obj): [14]}
     w.close()
     # The same scan opened again: "ask" enables the restore button; "restore" brings it back.
     w_ask = make("ask")
@@ -126,19 +133,37 @@ def test_autosave_is_offered_back(make_widget, qtbot, tmp_path):
     np.testing.assert_array_equal(w_ask.session.labels.array, saved)
     np.testing.assert_array_equal(w_ask.labels_layer.data, saved)
     assert w_ask.session.labels.objects[obj].name == "kept"
+    assert w_ask.session.stop_slices[obj] == {14}
     w_ask.close()
     w_restore = make("restore")
     np.testing.assert_array_equal(w_restore.session.labels.array, saved)
+    assert w_restore.session.stop_slices[obj] == {14}
 
 
 def test_changing_model_or_device_keeps_the_work(make_widget, qtbot):
+    from medsam_plugin.engine.predictor import SlicePrediction
+
     viewer, make = make_widget
     w = make()
     obj = w.add_object("kept")
     paint(w, qtbot, (8, 60, 60), obj)
+    paint(w, qtbot, (12, 60, 60), obj)
+    qtbot.waitUntil(lambda: (w.session.labels.array[12] == obj).any(), timeout=5000)
+    seed = w.session.labels.array[12] == obj  # a seed on slice 12, as an accepted segmentation makes
+    w.session.accept(obj, SlicePrediction(z=12, mask_yx=seed, logits_256=np.zeros((256, 256), np.float32), iou=1.0))
+    w.set_slice(12)
+    w.stop_here()  # erases slice 12 and its seed (undoable), marks it
     before = w.session.labels.array.copy()
-    old = w.session
+    assert not (before[12] == obj).any() and 12 not in w.session.seeds[obj]
     w.device_combo.setCurrentText("cpu")
-    assert w.session is not old and w.session.device == "cpu" and not w.session.model_loaded
+    assert w.session.device == "cpu" and not w.session.model_loaded
+    w.model_combo.setEditText("sam_vit_b")
+    w.change_model()
+    assert w.session.model_name == "sam_vit_b" and not w.session.model_loaded
     np.testing.assert_array_equal(w.session.labels.array, before)
-    assert w.session.labels.objects[obj].name == "kept"
+    np.testing.assert_array_equal(w.labels_layer.data, before)
+    assert w.session.labels.objects[obj].name == "kept" and w.session.stop_slices[obj] == {12}
+    # The undo history carries over, and undo restores the seeds of the session in use.
+    w.undo()
+    assert (w.session.labels.array[12] == obj).sum() == seed.sum() and 12 in w.session.seeds[obj]
+    np.testing.assert_array_equal(w.labels_layer.data, w.session.labels.array)

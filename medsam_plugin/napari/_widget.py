@@ -17,7 +17,6 @@ one pending (not yet accepted) slice preview. Painting in the layer is pushed in
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -124,7 +123,6 @@ class MedSAMWidget(QWidget):
         self.box_layer = None
         self.current_label: int | None = None
         self.prompts: dict[int, dict] = {}  # label id -> {"fg": (N,3), "bg": (N,3), "boxes": [(4,3)]}
-        self.stop_slices: dict[int, set[int]] = {}
         self.pending = None  # (label id, SlicePrediction) shown but not accepted
         self.task: Task | None = None
         self.autosave_folder: Path | None = None
@@ -396,7 +394,6 @@ class MedSAMWidget(QWidget):
             self.window_combo.setCurrentText("mr")
             self.window_combo.blockSignals(False)
         self.prompts.clear()
-        self.stop_slices.clear()
         self.pending = None
         self._propagated.clear()
         self.current_label = None
@@ -459,28 +456,18 @@ class MedSAMWidget(QWidget):
         return self.device_combo.currentText()
 
     def change_model(self) -> None:
-        """Use the model/device now chosen; labels, objects and seeds are kept (embeddings are not)."""
-        from ..engine.session import SegmentationSession
-
-        old = self.session
-        if old is None or (old.model_name, old.device) == (self.model_name(), self.device_name()):
+        """Use the model/device now chosen; labels, objects, seeds, stop slices and undo history are kept
+        (embeddings are not)."""
+        s = self.session
+        if s is None or (s.model_name, s.device) == (self.model_name(), self.device_name()):
             return
         if self._busy():
             _notify("warning", "The model can change once the running work ends (or press Cancel).")
             return
-        try:
-            new = SegmentationSession(old.volume, model=self.model_name(), device=self.device_name(),
-                                      axis=old.view.axis, window=old.window, cache_dir=self.embedding_cache,
-                                      loaded_model=self._loaded_models.get((self.model_name(), self.device_name())))
-        except Exception as exc:
-            _notify("error", f"Could not switch to model '{self.model_name()}' on '{self.device_name()}': {exc}")
-            return
         self._sync_paint()
-        self._accept_pending()
-        new.labels = old.labels  # the work so far (with its undo history) carries over
-        new.seeds = old.seeds
-        new.mode, new.stop_rules = old.mode, old.stop_rules
-        self.session = new
+        self._accept_pending()  # a preview of the old model is kept as the user saw it
+        s.set_model(self.model_name(), self.device_name(),
+                    loaded_model=self._loaded_models.get((self.model_name(), self.device_name())))
         self._set_status(f"Model {self.model_name()} on {self.device_name()}: it loads with the next segmentation.")
 
     def _current_window(self, modality: str = "CT"):
@@ -571,7 +558,6 @@ class MedSAMWidget(QWidget):
         if not self._ready("add an object"):
             return None
         obj = self.session.add_object(name=name)
-        self.stop_slices.setdefault(obj.label_id, set())
         self.select_object(obj.label_id)
         self._set_status(f"New object '{obj.name}' (label {obj.label_id}): box or click it on a slice, then press S.")
         return obj.label_id
@@ -607,7 +593,6 @@ class MedSAMWidget(QWidget):
         self._drop_pending()
         self.session.remove_object(label_id)
         self.prompts.pop(label_id, None)
-        self.stop_slices.pop(label_id, None)
         self._propagated.discard(label_id)
         if self.current_label == label_id:
             self.current_label = None
@@ -804,9 +789,6 @@ class MedSAMWidget(QWidget):
         if self.pending is not None:  # painting over a preview accepts it first
             self._accept_pending()
         changed = self.session.labels.set_array(data.astype(self.session.labels.array.dtype), what="paint")
-        new_ids = set(self.session.labels.objects)
-        for label_id in new_ids:
-            self.stop_slices.setdefault(label_id, set())
         self._refresh_objects()
         return changed
 
@@ -979,8 +961,6 @@ class MedSAMWidget(QWidget):
         if not self.session.seeds.get(label_id):
             _notify("warning", "This object has no segmented slice yet: box it on one slice, press S, then propagate.")
             return None
-        rules = dataclasses.replace(self.session.stop_rules,
-                                    stop_slices=frozenset(self.stop_slices.get(label_id, set())))
         session = self.session
         self._show_labels()
         state = {"last": None}
@@ -992,7 +972,8 @@ class MedSAMWidget(QWidget):
                 yield Progress(0, 1, f"loading model {session.model_name}")
                 session.predictor  # noqa: B018
             state["last"] = time.perf_counter()
-            result = yield from session.propagate(label_id, direction=direction, stop=rules, cancel=cancel,
+            # The session adds the object's stop slices to its stop rules itself.
+            result = yield from session.propagate(label_id, direction=direction, cancel=cancel,
                                                   from_slice=from_slice)
             return result
 
@@ -1032,8 +1013,7 @@ class MedSAMWidget(QWidget):
         label_id = self._ensure_object()
         self._accept_pending()
         z = self.current_z()
-        self.session.stop_here(label_id, z)
-        self.stop_slices.setdefault(label_id, set()).add(z)
+        self.session.stop_here(label_id, z)  # also records z as the object's stop slice
         self._show_labels()
         self._autosave()
         self._set_status(f"Object stops at slice {z}: later propagations will not enter it.")
@@ -1075,8 +1055,8 @@ class MedSAMWidget(QWidget):
         label_id = self.current_label
         self._drop_pending()
         self.session.clear_object(label_id)
-        self.session.stop_slices.pop(label_id, None)
-        self.stop_slices[label_id] = set()
+        for z in sorted(self.session.stop_slices.get(label_id, ())):
+            self.session.mark_stop(label_id, z, stop=False)
         self._propagated.discard(label_id)
         self.prompts.pop(label_id, None)
         self._load_prompts(None)
@@ -1154,7 +1134,7 @@ class MedSAMWidget(QWidget):
             "objects": [{"label_id": k, "name": o.name, "color": list(o.color)} for k, o in s.labels.objects.items()],
             "current": self.current_label,
             "prompts": {str(k): {"fg": v["fg"], "bg": v["bg"], "boxes": v["boxes"]} for k, v in self.prompts.items()},
-            "stop_slices": {str(k): sorted(v) for k, v in self.stop_slices.items()},
+            "stop_slices": {str(k): sorted(s.stop_slices.get(k, ())) for k in s.labels.objects},
             "seed_slices": {str(k): sorted(v) for k, v in s.seeds.items()},
         }
 
@@ -1198,7 +1178,14 @@ class MedSAMWidget(QWidget):
                      "boxes": [np.asarray(b, dtype=np.float64) for b in v.get("boxes", [])]}
             for k, v in state.get("prompts", {}).items()
         }
-        self.stop_slices = {int(k): set(v) for k, v in state.get("stop_slices", {}).items()}
+        # The autosave's stop slices replace the session's, as its labels do.
+        saved = {int(k): {int(z) for z in zs} for k, zs in state.get("stop_slices", {}).items()}
+        for lid in s.labels.objects:
+            marked = set(s.stop_slices.get(lid, ()))
+            for z in marked - saved.get(lid, set()):
+                s.mark_stop(lid, z, stop=False)
+            for z in saved.get(lid, set()) - marked:
+                s.mark_stop(lid, z)
         current = state.get("current")
         self.current_label = None
         if current is not None and int(current) in s.labels.objects:
