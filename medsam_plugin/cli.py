@@ -137,11 +137,16 @@ def cmd_segment(args) -> int:
 def _print_table(report: dict) -> None:
     print(f"\n{Path(report['image']).parent.name or report['image']}  (model {report['model']}, mode "
           f"{report['mode']}, clicks {report['clicks']})")
-    print(f"{'label':>6} {'name':<28} {'dice':>6} {'nsd':>6} {'prompted':>9} {'pred/true slices':>17} {'sec':>6}")
+    # dice/nsd: the object in the label map (an earlier object keeps the voxels it claimed first);
+    # own: the object's own result before those claims (equal unless objects overlap).
+    print(f"{'label':>6} {'name':<28} {'dice':>6} {'nsd':>6} {'dice own':>8} {'nsd own':>7} {'prompted':>9} "
+          f"{'pred/true slices':>17} {'sec':>6}")
     for o in report["objects"]:
-        print(f"{o['label']:>6} {o['name'][:28]:<28} {o['dice']:6.3f} {o['nsd']:6.3f} {o['slices_prompted']:>9} "
-              f"{o['slices_predicted']:>8}/{o['slices_truth']:<8} {o['seconds']:6.1f}")
-    print(f"{'mean':>6} {'':<28} {report['mean_dice']:6.3f} {report['mean_nsd']:6.3f}")
+        print(f"{o['label']:>6} {o['name'][:28]:<28} {o['dice']:6.3f} {o['nsd']:6.3f} {o['dice_own']:8.3f} "
+              f"{o['nsd_own']:7.3f} {o['slices_prompted']:>9} {o['slices_predicted']:>8}/{o['slices_truth']:<8} "
+              f"{o['seconds']:6.1f}")
+    print(f"{'mean':>6} {'':<28} {report['mean_dice']:6.3f} {report['mean_nsd']:6.3f} "
+          f"{report['mean_dice_own']:8.3f} {report['mean_nsd_own']:7.3f}")
 
 
 def cmd_evaluate(args) -> int:
@@ -164,7 +169,8 @@ def cmd_evaluate(args) -> int:
         _print_table(report)
         reports.append(report)
     out = reports[0] if len(reports) == 1 else {
-        "cases": reports, "mean_dice": sum(r["mean_dice"] for r in reports) / len(reports)}
+        "cases": reports, "mean_dice": sum(r["mean_dice"] for r in reports) / len(reports),
+        "mean_dice_own": sum(r["mean_dice_own"] for r in reports) / len(reports)}
     if args.json:
         from .io.atomic import atomic_write_text
 

@@ -58,6 +58,8 @@ def test_evaluate_a_decathlon_datalist_with_corrective_clicks(sample_dir, tmp_pa
     assert obj["label"] == 1 and obj["dice"] >= 0.88 and 0 < obj["nsd"] <= 1
     assert obj["clicks"] == 1 and len(obj["dice_per_round"]) == 2 and obj["slices_prompted"] >= 1
     assert report["mean_dice"] == pytest.approx(obj["dice"])
+    # A lone object: its own result is what the label map holds.
+    assert obj["dice_own"] == obj["dice"] and report["mean_dice_own"] == pytest.approx(report["mean_dice"])
     assert "mean" in capsys.readouterr().out
 
 

@@ -33,7 +33,8 @@ def evaluate_case(image_path, label_path, labels: Iterable[int] | None = None, c
     if missing:
         raise ValueError(f"Label value(s) {missing} do not occur in {label_path}; present: {present}.")
     # Smallest structures first, as an expert segments nested regions (tumour core before the
-    # oedema around it): the first object to claim a voxel keeps it.
+    # oedema around it): the first object to claim a voxel keeps it. "dice" scores that label map;
+    # "dice_own" each object's own result before those claims.
     sizes = {v: int((truth_zyx == v).sum()) for v in chosen}
     scores = []
     for i, label_id in enumerate(sorted(chosen, key=lambda v: sizes[v])):
@@ -53,6 +54,9 @@ def evaluate_case(image_path, label_path, labels: Iterable[int] | None = None, c
         "objects": sorted((s.as_dict() for s in scores), key=lambda o: o["label"]),
         "mean_dice": float(np.mean([s.dice for s in scores])) if scores else float("nan"),
         "mean_nsd": float(np.mean([s.nsd for s in scores])) if scores else float("nan"),
+        # Each object's own result, before the first-claim rule resolved overlaps (see simulate.py).
+        "mean_dice_own": float(np.mean([s.dice_own for s in scores])) if scores else float("nan"),
+        "mean_nsd_own": float(np.mean([s.nsd_own for s in scores])) if scores else float("nan"),
         "slices_encoded": predictor.encode_count,
         "prompts_decoded": predictor.decode_count,
     }

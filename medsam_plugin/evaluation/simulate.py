@@ -1,6 +1,13 @@
 """A simulated expert: draws the ground-truth box where the object is largest, lets the tool
 propagate, then corrects the worst slice and lets it re-propagate: a click at the centre of the
-largest error region, or, where the walk ran past the object's end, "stop here" on that slice."""
+largest error region, or, where the walk ran past the object's end, "stop here" on that slice.
+
+Two scores per object. `dice`/`nsd` score what the object holds in the session's label map, where
+the first object to claim a voxel keeps it: with nested or touching labels, an object segmented
+later loses the voxels an earlier one already claimed. `dice_own`/`nsd_own` score the object's own
+result: the masks the engine returned for it (the prompted slices and its propagation), before
+other objects' claims are resolved. With no corrective clicks that is exactly the object segmented
+alone; with clicks, the corrections are still chosen from the label map (what the expert sees)."""
 
 from __future__ import annotations
 
@@ -22,6 +29,8 @@ class ObjectScore:
     name: str
     dice: float
     nsd: float
+    dice_own: float
+    nsd_own: float
     slices_prompted: int
     slices_predicted: int
     slices_truth: int
@@ -60,6 +69,9 @@ def simulate_object(session, truth_zyx: np.ndarray, label_id: int, name: str = "
     box = bounding_box_xyxy(truth_zyx[z0])
     session.segment_slice(label_id, z0, box_xyxy=box)
     result = run_to_completion(session.propagate(label_id, mode=mode, stop=stop))
+    # The object's own result, from what the engine returned for it: a whole-volume propagation
+    # rewrites every slice from the seeds (its predictions include them).
+    own = result.mask_zyx(truth_zyx.shape)
     pred = session.labels.array == label_id
     rounds = [dice(pred, truth_zyx)]
     clicks_on: dict[int, list] = {}
@@ -72,7 +84,13 @@ def simulate_object(session, truth_zyx: np.ndarray, label_id: int, name: str = "
             # The walk ran past the object's end: an expert marks "stop here" on the first slice
             # beyond it (clearing everything further out) rather than clicking.
             present = np.flatnonzero(areas)
-            session.stop_here(label_id, int(present[-1] + 1 if z > present[-1] else present[0] - 1))
+            z_stop = int(present[-1] + 1 if z > present[-1] else present[0] - 1)
+            session.stop_here(label_id, z_stop)
+            # Every seed lies on a slice of the object, so the session erased from z_stop outwards.
+            if z_stop > present[-1]:
+                own[z_stop:] = False
+            else:
+                own[:z_stop + 1] = False
         else:
             pts = clicks_on.setdefault(z, [])
             pts.append((point, kind))
@@ -81,15 +99,27 @@ def simulate_object(session, truth_zyx: np.ndarray, label_id: int, name: str = "
                 box_z = seed.prompt["box_xyxy"]
             else:
                 box_z = bounding_box_xyxy(pred[z]) if pred[z].any() else None
-            session.segment_slice(label_id, z, points_yx=np.array([p for p, _ in pts]),
-                                  point_labels=np.array([k for _, k in pts]), box_xyxy=box_z, multimask=False)
+            corrected = session.segment_slice(label_id, z, points_yx=np.array([p for p, _ in pts]),
+                                              point_labels=np.array([k for _, k in pts]), box_xyxy=box_z,
+                                              multimask=False)
+            own[z] = corrected.mask_yx  # (the walk below returns this seed again; kept for clarity)
             # Only the neighbours this correction really changes are redone.
-            run_to_completion(session.propagate(label_id, mode=mode, stop=stop, from_slice=z))
+            redone = run_to_completion(session.propagate(label_id, mode=mode, stop=stop, from_slice=z))
+            for z_redone, redone_pred in redone.predictions.items():
+                own[z_redone] = redone_pred.mask_yx
         pred = session.labels.array == label_id
         rounds.append(dice(pred, truth_zyx))
+    if (pred & ~own).any():
+        # The label map only ever holds a subset of what was committed for the object.
+        raise RuntimeError(f"Label {label_id}: the own-result record lost step with the session's label map; "
+                           "dice_own would be wrong.")
+    spacing = session.view.view_spacing
+    nsd = normalized_surface_dice(pred, truth_zyx, spacing)
+    same = np.array_equal(own, pred)  # nothing was taken by another object: the scores agree
     return ObjectScore(
-        label=int(label_id), name=name, dice=rounds[-1],
-        nsd=normalized_surface_dice(pred, truth_zyx, session.view.view_spacing),
+        label=int(label_id), name=name, dice=rounds[-1], nsd=nsd,
+        dice_own=rounds[-1] if same else dice(own, truth_zyx),
+        nsd_own=nsd if same else normalized_surface_dice(own, truth_zyx, spacing),
         slices_prompted=len(session.seeds[label_id]), slices_predicted=int(pred.any(axis=(1, 2)).sum()),
         slices_truth=int((areas > 0).sum()), clicks=len(rounds) - 1, dice_per_round=rounds,
         stopped=dict(result.stopped), seconds=time.perf_counter() - start)
