@@ -18,9 +18,9 @@ The fast encoder is an inference-only re-implementation of `tiny_vit.TinyViT`'s 
 Modes: ``"fp32"`` (the model's own encoder, the reference), ``"fp32-fast"`` (the rewrite in fp32),
 ``"bf16"`` (the rewrite in bf16), ``"openvino-f32"`` / ``"openvino-bf16"`` (OpenVINO CPU plugin,
 when the optional ``openvino`` package is installed), ``"auto"``: the fastest path that keeps fp32
-numerics (openvino-f32, else fp32-fast). bf16 paths are opt-in: about 5x faster than fp32 eager
-on an AVX512-BF16 CPU, but they moved one-box propagation Dice by up to 0.012 on the shared cases. The
-environment variable ``MEDSAM_ENCODER`` (same values) overrides the argument, so a user can force
+numerics (openvino-f32, else fp32-fast). bf16 paths are opt-in: about 4x faster than fp32 eager
+on an AVX512-BF16 CPU, but they moved one-box propagation Dice by up to 0.038 on the shared cases
+(5 of 10 objects past 0.005). The environment variable ``MEDSAM_ENCODER`` (same values) overrides the argument, so a user can force
 ``MEDSAM_ENCODER=fp32`` without touching code. The choice and its reason are logged at INFO level.
 """
 
@@ -313,8 +313,10 @@ class OpenVINOPath:
         self.name = f"openvino-{precision}"
         self.reason = reason
         self.device = torch.device("cpu")
-        # Measured (benchmarks/run_all.py section 4): batches of 8 cost 0.71x per slice of batch 1.
-        self.preferred_batch = 8
+        # Measured on an idle 2-core machine (benchmarks/run_all.py section 4), batch 8 cost 0.87x to
+        # 1.10x the time per slice of batch 1 (0.71x only under heavy load): no reliable gain on a
+        # small CPU, and batch 1 gives the first embedding soonest.
+        self.preferred_batch = 1
         self.precision = precision
         encoder = copy.deepcopy(loaded.sam.image_encoder).float().eval()
         size = int(loaded.spec.image_size)
@@ -449,9 +451,10 @@ def choose_mode(loaded, mode: str = "auto") -> tuple[str, str]:
     if not tiny:
         return "fp32", f"model family {loaded.spec.family} has no fast path"
     # bf16 is opt-in: measured on the shared cases, its rounding moved one-box propagation Dice by
-    # up to 0.012 (spleen) against the 0.005 budget, so "auto" keeps fp32 numerics everywhere.
+    # up to 0.038 (5 of 10 objects past the 0.005 budget), so "auto" keeps fp32 numerics everywhere.
     ok, why = _bf16_ok(device)
-    note = f"{why}; bf16 is opt-in (MEDSAM_ENCODER=openvino-bf16 or bf16): it moved Dice by up to 0.012"
+    note = (f"{why}; bf16 is opt-in (MEDSAM_ENCODER=openvino-bf16 or bf16): "
+            "it moved Dice by up to 0.038 on the shared cases")
     if device.type == "cpu":
         if openvino_available():
             return "openvino-f32", note + "; OpenVINO installed: f32 with fused kernels, fastest fp32-exact path"
