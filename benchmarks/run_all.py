@@ -120,9 +120,38 @@ def bench_encoder(loaded, repeats: int) -> dict:
         f"bf16 {peak['bf16']:.0f} GFLOP/s")
     say(f"  ceiling of any path at that peak, as x fp32 eager: fp32 {ceiling['fp32']:.2f}, bf16 {ceiling['bf16']:.2f} "
         f"(a slice cannot take less than 75 GFLOP / peak)")
+    alone = eager_alone(repeats)
+    if alone:
+        say(f"  cross-check: fp32 eager in a fresh process without OpenVINO loaded: {alone:.3f} s/slice "
+            f"-> {chosen} {alone / t[chosen]['wall']:.2f}x (OpenVINO's worker threads share the 2 cores)")
     return {"times": t, "rel_error": err, "chosen": chosen, "reason": why,
             "speedup_wall": base["wall"] / t[chosen]["wall"], "speedup_cpu": base["cpu"] / t[chosen]["cpu"],
-            "gemm_peak_gflops": peak, "ceiling": ceiling, "paths": paths}
+            "gemm_peak_gflops": peak, "ceiling": ceiling, "eager_alone_s": alone, "paths": paths}
+
+
+EAGER_CHILD = r"""
+import statistics, sys, time
+import torch
+sys.path.insert(0, sys.argv[1])
+from medsam_plugin.model.registry import load_model
+encoder = load_model("lite_medsam", device="cpu").sam.image_encoder
+x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+times = []
+with torch.inference_mode():
+    encoder(x)
+    for _ in range(int(sys.argv[2])):
+        t0 = time.perf_counter()
+        encoder(x)
+        times.append(time.perf_counter() - t0)
+print("RESULT", statistics.median(times))
+"""
+
+
+def eager_alone(repeats: int) -> float | None:
+    """Median seconds of the model's own fp32 encoder in a process that never loads OpenVINO."""
+    proc = subprocess.run([sys.executable, "-c", EAGER_CHILD, str(REPO), str(repeats)], capture_output=True, text=True)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    return float(line[0].split()[1]) if line else None
 
 
 SLICE_FLOP = 75e9  # FACTS.md: TinyViT encoder, one 256x256 slice
