@@ -9,6 +9,7 @@ Embeddings go to an on-disk cache keyed by slice, model and encoder path (fp32 a
 mix), so a second run only decodes.
 
     python benchmarks/check_dice.py [--path auto|bf16|openvino-bf16|...] [--cases a,b] [--json out.json]
+    python benchmarks/check_dice.py --decoders    (the model's own mask decoder vs the fast one)
 """
 
 from __future__ import annotations
@@ -29,13 +30,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_modes import DEFAULT_LABELS as LABELS  # noqa: E402  (one list of evaluated labels)
 
 
-def one_box_dice(volume, truth_ijk, label: int, loaded, path_name: str, cache_dir) -> tuple[float, int, float]:
+def one_box_dice(volume, truth_ijk, label: int, loaded, path_name: str, cache_dir,
+                 decoder: str = "fast") -> tuple[float, int, float]:
     """(Dice, slices predicted, seconds) of one-box propagation with encoder path `path_name`."""
     from medsam_plugin.engine.session import SegmentationSession
     from medsam_plugin.evaluation.simulate import simulate_object
 
-    old = os.environ.get("MEDSAM_ENCODER")
-    os.environ["MEDSAM_ENCODER"] = path_name  # the session builds its encoder through make_encoder
+    # The session builds its encoder and predictor from these variables.
+    settings = {"MEDSAM_ENCODER": path_name, "MEDSAM_DECODER": decoder}
+    old = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
     try:
         start = time.perf_counter()
         session = SegmentationSession(volume, loaded_model=loaded, cache_dir=cache_dir)
@@ -43,14 +47,21 @@ def one_box_dice(volume, truth_ijk, label: int, loaded, path_name: str, cache_di
         score = simulate_object(session, truth, label)
         return score.dice, score.slices_predicted, time.perf_counter() - start
     finally:
-        if old is None:
-            os.environ.pop("MEDSAM_ENCODER", None)
-        else:
-            os.environ["MEDSAM_ENCODER"] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
-def run(path_name: str = "auto", cases=None, cache_dir=None, loaded=None, log=print) -> list[dict] | None:
-    """Rows {case, label, dice_fp32, dice_fast, delta, ok}; None when ../shared/data is absent."""
+def run(path_name: str = "auto", cases=None, cache_dir=None, loaded=None, log=print,
+        compare_decoders: bool = False) -> list[dict] | None:
+    """Rows {case, label, dice_fp32, dice_fast, delta, ok}; None when ../shared/data is absent.
+
+    compare_decoders: instead of fp32 vs `path_name` encoders, the model's own mask decoder vs the
+    fast one (`model.fast_decoder`), both on `path_name`'s embeddings ("dice_fp32" is then the
+    reference decoder's Dice).
+    """
     from medsam_plugin.io import read_labels, read_volume
     from medsam_plugin.model.fast import choose_mode
     from medsam_plugin.model.registry import load_model
@@ -72,12 +83,18 @@ def run(path_name: str = "auto", cases=None, cache_dir=None, loaded=None, log=pr
         volume = read_volume(case_dir / "image.nii.gz")
         truth_ijk = read_labels(case_dir / "label.nii.gz", volume)
         for label in LABELS.get(case, [1]):
-            d32, n32, t32 = one_box_dice(volume, truth_ijk, label, loaded, "fp32", cache_dir)
-            dfa, nfa, tfa = one_box_dice(volume, truth_ijk, label, loaded, path_name, cache_dir)
+            if compare_decoders:
+                names = ("reference decoder", "fast decoder")
+                d32, n32, t32 = one_box_dice(volume, truth_ijk, label, loaded, path_name, cache_dir, "reference")
+                dfa, nfa, tfa = one_box_dice(volume, truth_ijk, label, loaded, path_name, cache_dir, "fast")
+            else:
+                names = ("fp32", path_name)
+                d32, n32, t32 = one_box_dice(volume, truth_ijk, label, loaded, "fp32", cache_dir)
+                dfa, nfa, tfa = one_box_dice(volume, truth_ijk, label, loaded, path_name, cache_dir)
             row = {"case": case, "label": label, "path": path_name, "dice_fp32": d32, "dice_fast": dfa,
                    "delta": dfa - d32, "slices_fp32": n32, "slices_fast": nfa, "ok": abs(dfa - d32) <= TOLERANCE}
             rows.append(row)
-            log(f"  {case:38s} label {label}: Dice fp32 {d32:.4f}  {path_name} {dfa:.4f}  delta {dfa - d32:+.4f} "
+            log(f"  {case:38s} label {label}: Dice {names[0]} {d32:.4f}  {names[1]} {dfa:.4f}  delta {dfa - d32:+.4f} "
                 f"slices {n32}/{nfa}  {'ok' if row['ok'] else 'OVER TOLERANCE'}  ({t32:.0f}s + {tfa:.0f}s)")
     return rows
 
@@ -88,8 +105,11 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", default=None, help="comma-separated case ids (default: all)")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--decoders", action="store_true",
+                        help="compare the model's own mask decoder with the fast one, on --path's embeddings")
     args = parser.parse_args(argv)
-    rows = run(args.path, args.cases.split(",") if args.cases else None, args.cache_dir, log=lambda s: print(s, flush=True))
+    rows = run(args.path, args.cases.split(",") if args.cases else None, args.cache_dir,
+               log=lambda s: print(s, flush=True), compare_decoders=args.decoders)
     if rows is None:
         return 0
     worst = max((abs(r["delta"]) for r in rows), default=0.0)

@@ -8,6 +8,9 @@ prompt encoder and mask decoder.
 from __future__ import annotations
 
 import logging
+import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -17,6 +20,12 @@ from .embedding_cache import EmbeddingCache, slice_signature
 from .preprocessing import SliceGeometry, logits_to_mask, slices_to_model_input
 
 log = logging.getLogger(__name__)
+
+DECODER_ENV_VAR = "MEDSAM_DECODER"
+DECODERS = ("fast", "reference")
+# Prompt-independent decoder state kept for this many slices (14 MiB each): the slice being
+# clicked on and the one before it.
+STATE_SLOTS = 2
 
 
 @dataclass
@@ -47,9 +56,13 @@ class SlicePredictor:
         cache: where embeddings live; a fresh in-memory cache when None.
         encoder: optional callable (B,3,S,S) float tensor -> (B,256,64,64) embeddings, to swap in
             a faster inference path (bf16, compiled); defaults to the model's own image encoder.
+        decoder: "fast" (default; `model.fast_decoder.FastMaskDecoder`, same fp32 maths, keeps
+            each slice's prompt-independent work) or "reference" (the model's own mask decoder).
+            The environment variable MEDSAM_DECODER overrides the default.
     """
 
-    def __init__(self, loaded, cache: EmbeddingCache | None = None, encoder: Callable | None = None):
+    def __init__(self, loaded, cache: EmbeddingCache | None = None, encoder: Callable | None = None,
+                 decoder: str | None = None):
         self.loaded = loaded
         self.sam = loaded.sam
         self.spec = loaded.spec
@@ -61,6 +74,14 @@ class SlicePredictor:
         self._dense_pe = None
         self.encode_count = 0
         self.decode_count = 0
+        decoder = decoder or os.environ.get(DECODER_ENV_VAR, "").strip().lower() or "fast"
+        if decoder not in DECODERS:
+            raise ValueError(f"Unknown decoder {decoder!r}; use one of {', '.join(DECODERS)} "
+                             f"(argument or {DECODER_ENV_VAR}).")
+        self.decoder_name = decoder
+        self._fast_decoder = None  # built on first use (needs the positional encoding)
+        self._states: OrderedDict = OrderedDict()  # z -> (cached embedding object, SliceState)
+        self._states_lock = threading.Lock()
 
     # ------------------------------------------------------------------ volume and embeddings
     @property
@@ -92,6 +113,8 @@ class SlicePredictor:
         if self.cache.disk_dir is not None if signatures is None else signatures:
             sigs = {z: slice_signature(volume[z], self.model_key) for z in range(volume.shape[0])}
         self.cache.reset(sigs)
+        with self._states_lock:
+            self._states.clear()
 
     @property
     def volume(self) -> np.ndarray:
@@ -200,18 +223,23 @@ class SlicePredictor:
         if points is None and boxes is None and masks is None:
             raise ValueError("A prediction needs at least one prompt: points, a box, or a mask.")
 
-        embedding = self.embedding(z)
         with torch.inference_mode():
             if self._dense_pe is None:
                 self._dense_pe = self.sam.prompt_encoder.get_dense_pe()
             sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=masks)
-            low_res, iou = self.sam.mask_decoder(
-                image_embeddings=embedding,
-                image_pe=self._dense_pe,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask,
-            )  # low_res: 1,M,256,256; iou: 1,M
+            if self.decoder_name == "fast":
+                fast = self._fast()
+                state = self._slice_state(z) if masks is None else fast.slice_state(self.embedding(z), dense)
+                low_res, iou = fast.decode(state, sparse, multimask)
+                low_res, iou = low_res[None], iou[None]
+            else:
+                low_res, iou = self.sam.mask_decoder(
+                    image_embeddings=self.embedding(z),
+                    image_pe=self._dense_pe,
+                    sparse_prompt_embeddings=sparse,
+                    dense_prompt_embeddings=dense,
+                    multimask_output=multimask,
+                )  # low_res: 1,M,256,256; iou: 1,M
             full = logits_to_mask(low_res[0], geom)  # M,H,W
         self.decode_count += 1
         ious = iou[0].float().cpu().numpy()
@@ -228,6 +256,29 @@ class SlicePredictor:
             prompt={"points_yx": points_yx, "point_labels": point_labels, "box_xyxy": box_xyxy,
                     "mask": mask_logits_256 is not None},
         )
+
+    def _fast(self):
+        if self._fast_decoder is None:
+            from ..model.fast_decoder import FastMaskDecoder
+
+            self._fast_decoder = FastMaskDecoder(self.sam, self._dense_pe)
+        return self._fast_decoder
+
+    def _slice_state(self, z: int):
+        """The fast decoder's prompt-independent state of slice z, kept while its embedding is."""
+        cached = self.cache.get(z)
+        with self._states_lock:
+            entry = self._states.get(z)
+            if entry is not None and cached is not None and entry[0] is cached:
+                self._states.move_to_end(z)
+                return entry[1]
+        state = self._fast().slice_state(self.embedding(z))
+        with self._states_lock:
+            self._states[z] = (self.cache.get(z), state)
+            self._states.move_to_end(z)
+            while len(self._states) > STATE_SLOTS:
+                self._states.popitem(last=False)
+        return state
 
     @staticmethod
     def _check_inside(points_yx: np.ndarray, geom: SliceGeometry, what: str) -> None:

@@ -1,0 +1,112 @@
+"""The fast mask decoder: the reference decoder's logits and IoU, its per-slice state kept and renewed.
+
+Run on the real LiteMedSAM weights and the real embedding of the spleen sample's largest slice.
+No timings here (benchmarks/run_all.py section 2 measures the re-prompt).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medsam_plugin.engine.predictor import SlicePredictor
+from medsam_plugin.model.fast_decoder import FastMaskDecoder
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def spleen(sample_dir, lite_medsam):
+    """(uint8 view volume, largest slice z, GT box, GT mask, that slice's embedding)."""
+    from medsam_plugin.engine.propagation import bounding_box_xyxy
+    from medsam_plugin.engine.session import SegmentationSession
+    from medsam_plugin.io import read_labels, read_volume
+
+    case = sample_dir / "ct_spleen_msd_spleen2_crop"
+    volume = read_volume(case / "image.nii.gz")
+    session = SegmentationSession(volume, loaded_model=lite_medsam)
+    truth = session.view.to_view(read_labels(case / "label.nii.gz", volume)) == 1
+    z = int(np.argmax(truth.sum(axis=(1, 2))))
+    predictor = SlicePredictor(lite_medsam, decoder="reference")
+    predictor.set_volume(session.image_u8)
+    return session.image_u8, z, bounding_box_xyxy(truth[z]), truth[z], predictor.embedding(z)
+
+
+def _prompts(box_model):
+    low_res = torch.randn(1, 1, 256, 256, generator=torch.Generator().manual_seed(0)) * 4
+    return {
+        "box": dict(points=None, boxes=box_model, masks=None),
+        "points": dict(points=(torch.tensor([[[120.0, 110.0], [20.0, 30.0]]]), torch.tensor([[1, 0]])),
+                       boxes=None, masks=None),
+        "box+mask": dict(points=None, boxes=box_model, masks=low_res),
+    }
+
+
+@pytest.mark.parametrize("kind", ["box", "points", "box+mask"])
+@pytest.mark.parametrize("multimask", [False, True])
+def test_fast_decoder_matches_the_reference(lite_medsam, spleen, kind, multimask):
+    _, _, box, _, embedding = spleen
+    sam = lite_medsam.sam
+    scale = 256 / 166  # the slice's longest side -> the model's 256; any box inside works
+    prompt = _prompts(torch.tensor([[box[0] * scale, box[1] * scale, box[2] * scale, box[3] * scale]]))[kind]
+    with torch.inference_mode():
+        sparse, dense = sam.prompt_encoder(**prompt)
+        ref_logits, ref_iou = sam.mask_decoder(embedding, sam.prompt_encoder.get_dense_pe(), sparse, dense, multimask)
+    fast = FastMaskDecoder(sam)
+    state = fast.slice_state(embedding, None if prompt["masks"] is None else dense)
+    logits, iou = fast.decode(state, sparse, multimask)
+    assert logits.shape == ref_logits.shape[1:] == ((3 if multimask else 1), 256, 256)
+    assert iou.shape == ref_iou.shape[1:]
+    # fp32 rounding only: summation order differs, nothing else.
+    assert torch.allclose(logits, ref_logits[0], rtol=1e-4, atol=1e-4 * float(ref_logits.abs().max()))
+    assert torch.allclose(iou, ref_iou[0], atol=1e-5)
+    flipped = ((logits > 0) != (ref_logits[0] > 0)).sum().item()
+    assert flipped <= 2  # a pixel whose logit is within rounding of 0 may go either way
+
+
+def test_predictor_default_decoder_gives_the_reference_mask(lite_medsam, spleen):
+    volume, z, box, truth, _ = spleen
+    results = {}
+    for name in ("reference", "fast"):
+        predictor = SlicePredictor(lite_medsam, decoder=name)
+        predictor.set_volume(volume)
+        results[name] = predictor.predict(z, box_xyxy=box)
+    assert SlicePredictor(lite_medsam).decoder_name == "fast"
+    ref, fast = results["reference"], results["fast"]
+    assert np.array_equal(ref.mask_yx, fast.mask_yx)
+    assert abs(ref.iou - fast.iou) < 1e-5
+    dice = 2 * np.logical_and(fast.mask_yx, truth).sum() / (fast.mask_yx.sum() + truth.sum())
+    assert dice > 0.9
+
+
+def test_slice_state_is_kept_for_reprompts_and_renewed_with_the_embedding(lite_medsam, spleen, monkeypatch):
+    volume, z, box, _, _ = spleen
+    predictor = SlicePredictor(lite_medsam)
+    predictor.set_volume(volume)
+    calls = []
+    original = FastMaskDecoder.slice_state
+
+    def counting(self, embedding, dense=None):
+        calls.append(dense is None)
+        return original(self, embedding, dense)
+
+    monkeypatch.setattr(FastMaskDecoder, "slice_state", counting)
+    first = predictor.predict(z, box_xyxy=box)
+    again = predictor.predict(z, box_xyxy=np.asarray(box) + np.array([1, 1, -1, -1]))
+    assert calls == [True], "a second prompt on the slice must reuse its state"
+    predictor.predict(z, box_xyxy=box, mask_logits_256=first.logits_256)
+    assert calls == [True, False], "a mask prompt changes the image side: no reuse"
+    predictor.cache.reset()  # the embedding is gone: the state must not outlive it
+    renewed = predictor.predict(z, box_xyxy=box)
+    assert calls == [True, False, True]
+    assert np.array_equal(renewed.mask_yx, first.mask_yx)
+    assert predictor.encode_count == 2 and again.mask_yx.any()
+
+
+def test_decoder_choice_from_the_environment(lite_medsam, monkeypatch):
+    monkeypatch.setenv("MEDSAM_DECODER", "reference")
+    assert SlicePredictor(lite_medsam).decoder_name == "reference"
+    monkeypatch.setenv("MEDSAM_DECODER", "turbo")
+    with pytest.raises(ValueError, match="Unknown decoder 'turbo'.*MEDSAM_DECODER"):
+        SlicePredictor(lite_medsam)
