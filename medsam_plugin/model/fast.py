@@ -18,9 +18,9 @@ The fast encoder is an inference-only re-implementation of `tiny_vit.TinyViT`'s 
 Modes: ``"fp32"`` (the model's own encoder, the reference), ``"fp32-fast"`` (the rewrite in fp32),
 ``"bf16"`` (the rewrite in bf16), ``"openvino-f32"`` / ``"openvino-bf16"`` (OpenVINO CPU plugin,
 when the optional ``openvino`` package is installed), ``"auto"``: the fastest path that keeps fp32
-numerics (openvino-f32, else fp32-fast). bf16 paths are opt-in: about 4x faster than fp32 eager
-on an AVX512-BF16 CPU, but they moved one-box propagation Dice by up to 0.038 on the shared cases
-(5 of 10 objects past 0.005). The environment variable ``MEDSAM_ENCODER`` (same values) overrides the argument, so a user can force
+numerics (openvino-f32, else fp32-fast). bf16 paths are opt-in: 3.6-3.8x faster than fp32 eager
+on an AVX512-BF16 CPU and 4.9x with AMX, but they moved one-box propagation Dice by up to 0.038
+on the shared cases (4-5 of 10 objects past 0.005; docs/PERFORMANCE.md). The environment variable ``MEDSAM_ENCODER`` (same values) overrides the argument, so a user can force
 ``MEDSAM_ENCODER=fp32`` without touching code. The choice and its reason are logged at INFO level.
 """
 
