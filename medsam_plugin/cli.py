@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import sys
-import threading
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2

@@ -137,3 +137,20 @@ def lite_medsam():
 def embedding_cache_dir(tmp_path_factory):
     """One on-disk embedding cache for all real-model tests: each slice is encoded once per run."""
     return tmp_path_factory.mktemp("embeddings")
+
+
+@pytest.fixture(scope="session")
+def spleen_slice(sample_dir, lite_medsam):
+    """(predictor-ready uint8 view volume, z, GT box, GT mask) for the spleen sample's largest slice."""
+    import numpy as np
+
+    from medsam_plugin.engine.propagation import bounding_box_xyxy
+    from medsam_plugin.engine.session import SegmentationSession
+    from medsam_plugin.io import read_labels, read_volume
+
+    case = sample_dir / "ct_spleen_msd_spleen2_crop"
+    volume = read_volume(case / "image.nii.gz")
+    session = SegmentationSession(volume, loaded_model=lite_medsam)
+    truth = session.view.to_view(read_labels(case / "label.nii.gz", volume)) == 1
+    z = int(np.argmax(truth.sum(axis=(1, 2))))
+    return session.image_u8, z, bounding_box_xyxy(truth[z]), truth[z]

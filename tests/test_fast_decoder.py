@@ -17,20 +17,12 @@ pytestmark = pytest.mark.model
 
 
 @pytest.fixture(scope="module")
-def spleen(sample_dir, lite_medsam):
+def spleen(spleen_slice, lite_medsam):
     """(uint8 view volume, largest slice z, GT box, GT mask, that slice's embedding)."""
-    from medsam_plugin.engine.propagation import bounding_box_xyxy
-    from medsam_plugin.engine.session import SegmentationSession
-    from medsam_plugin.io import read_labels, read_volume
-
-    case = sample_dir / "ct_spleen_msd_spleen2_crop"
-    volume = read_volume(case / "image.nii.gz")
-    session = SegmentationSession(volume, loaded_model=lite_medsam)
-    truth = session.view.to_view(read_labels(case / "label.nii.gz", volume)) == 1
-    z = int(np.argmax(truth.sum(axis=(1, 2))))
+    volume, z, box, truth = spleen_slice
     predictor = SlicePredictor(lite_medsam, decoder="reference")
-    predictor.set_volume(session.image_u8)
-    return session.image_u8, z, bounding_box_xyxy(truth[z]), truth[z], predictor.embedding(z)
+    predictor.set_volume(volume)
+    return volume, z, box, truth, predictor.embedding(z)
 
 
 def _prompts(box_model):

@@ -18,21 +18,6 @@ from medsam_plugin.model import fast
 pytestmark = pytest.mark.model
 
 
-@pytest.fixture(scope="module")
-def spleen_slice(sample_dir, lite_medsam):
-    """(predictor-ready uint8 volume, z, GT box, GT mask) for the spleen sample's largest slice."""
-    from medsam_plugin.engine.propagation import bounding_box_xyxy
-    from medsam_plugin.engine.session import SegmentationSession
-    from medsam_plugin.io import read_labels, read_volume
-
-    case = sample_dir / "ct_spleen_msd_spleen2_crop"
-    volume = read_volume(case / "image.nii.gz")
-    session = SegmentationSession(volume, loaded_model=lite_medsam)
-    truth = session.view.to_view(read_labels(case / "label.nii.gz", volume)) == 1
-    z = int(np.argmax(truth.sum(axis=(1, 2))))
-    return session.image_u8, z, bounding_box_xyxy(truth[z]), truth[z]
-
-
 def _mask(loaded, encoder, spleen_slice):
     from medsam_plugin.engine.predictor import SlicePredictor
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Generator, Iterable
+from typing import Generator
 
 import numpy as np
 

