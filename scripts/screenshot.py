@@ -16,6 +16,7 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +33,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("MEDSAM_PLUGIN_INLINE", "1")  # deterministic: work runs in this thread
     os.environ.setdefault("MEDSAM_PLUGIN_AUTOSAVE", "ignore")
+    # A fresh embedding cache, so "not cached" below means it: the user's disk cache would
+    # otherwise hold every slice from an earlier run.
+    os.environ["MEDSAM_PLUGIN_CACHE"] = tempfile.mkdtemp(prefix="medsam_screenshot_")
 
     import napari
     from qtpy.QtWidgets import QApplication

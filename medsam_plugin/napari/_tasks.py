@@ -2,7 +2,7 @@
 
 The engine's long work is a generator that yields `Progress` and returns a result
 (stardist-napari's pattern). `start_task` wraps it in a napari `thread_worker` with a napari
-progress bar; with `MEDSAM_PLUGIN_INLINE=1` (or `inline=True`) it runs in the calling thread,
+progress bar, shown from the work's first progress report; with `MEDSAM_PLUGIN_INLINE=1` (or `inline=True`) it runs in the calling thread,
 which makes debugging and tests deterministic. The callbacks always run in the GUI thread.
 """
 
@@ -76,9 +76,12 @@ def start_task(
     """
     task = Task(description)
     inline = inline_default() if inline is None else inline
-    task.pbar = _progress_bar(description)
 
     def yielded(value):
+        # The bar appears with the first progress report, so work that reports none (a re-prompt
+        # on a cached slice, 30-40 ms) is not slowed by building one: a napari bar costs ~60 ms.
+        if task.pbar is None and not task.finished.is_set():
+            task.pbar = _progress_bar(description)
         _update_bar(task.pbar, value)
         if on_yield is not None:
             on_yield(value)

@@ -1,0 +1,50 @@
+"""`start_task`: callbacks in order, and a progress bar only for work that reports progress."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from medsam_plugin.napari import _tasks
+
+
+class _Bar:
+    def __init__(self, made):
+        made.append(self)
+        self.total, self.n, self.closed = 0, 0, False
+
+    def set_description(self, text):
+        self.description = text
+
+    def refresh(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def _run(monkeypatch, steps):
+    made, seen = [], []
+    monkeypatch.setattr(_tasks, "_progress_bar", lambda description: _Bar(made))
+
+    def work(cancel):
+        for i in range(steps):
+            yield SimpleNamespace(done=i + 1, total=steps, message=f"step {i + 1}")
+        return "result"
+
+    task = _tasks.start_task(work, "test work", on_yield=seen.append, on_return=seen.append,
+                             on_finish=lambda cancelled: seen.append(("finished", cancelled)), inline=True)
+    return task, made, seen
+
+
+def test_quick_work_that_reports_nothing_builds_no_progress_bar(monkeypatch):
+    task, made, seen = _run(monkeypatch, steps=0)
+    assert made == [] and task.pbar is None
+    assert seen == ["result", ("finished", False)] and not task.running
+
+
+def test_reported_progress_gets_one_bar_that_follows_it_and_closes(monkeypatch):
+    task, made, seen = _run(monkeypatch, steps=3)
+    assert len(made) == 1
+    bar = made[0]
+    assert (bar.n, bar.total, bar.description, bar.closed) == (3, 3, "step 3", True)
+    assert task.pbar is None and seen[-2:] == ["result", ("finished", False)]
