@@ -10,10 +10,11 @@ from medsam_plugin.napari import _tasks
 class _Bar:
     def __init__(self, made):
         made.append(self)
-        self.total, self.n, self.closed = 0, 0, False
+        self.total, self.n, self.closed, self.descriptions = 0, 0, False, []
 
     def set_description(self, text):
         self.description = text
+        self.descriptions.append(text)
 
     def refresh(self):
         pass
@@ -48,3 +49,11 @@ def test_reported_progress_gets_one_bar_that_follows_it_and_closes(monkeypatch):
     bar = made[0]
     assert (bar.n, bar.total, bar.description, bar.closed) == (3, 3, "step 3", True)
     assert task.pbar is None and seen[-2:] == ["result", ("finished", False)]
+
+
+def test_bar_text_is_redrawn_at_most_four_times_a_second_but_always_at_the_end(monkeypatch):
+    clock = iter([0.0, 0.1, 0.2, 0.3, 0.4, 0.45])  # one reading per step
+    monkeypatch.setattr(_tasks.time, "monotonic", lambda: next(clock))
+    _, made, _ = _run(monkeypatch, steps=6)
+    # 0.0 first; 0.3 is 0.25 s after it; the last step always
+    assert made[0].descriptions == ["step 1", "step 4", "step 6"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Callable, Generator
 
 
@@ -46,6 +47,10 @@ def _progress_bar(description: str):
         return None
 
 
+# napari redraws the whole window when a bar's text changes (about 25 ms): at most this often.
+DESCRIPTION_INTERVAL_S = 0.25
+
+
 def _update_bar(pbar, value) -> None:
     if pbar is None:
         return
@@ -55,8 +60,12 @@ def _update_bar(pbar, value) -> None:
     if done is not None:
         pbar.n = int(done)
         message = getattr(value, "message", "")
-        if message:
+        now = time.monotonic()
+        last = getattr(pbar, "_medsam_described_at", None)
+        final = total is not None and int(done) >= int(total)
+        if message and (last is None or final or now - last >= DESCRIPTION_INTERVAL_S):
             pbar.set_description(message)
+            pbar._medsam_described_at = now
         pbar.refresh()
 
 
