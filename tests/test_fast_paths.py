@@ -1,7 +1,8 @@
 """The fast image-encoder paths: same masks as fp32, the right choice per machine, a way to force fp32.
 
-No timings here (speed lives in benchmarks/run_all.py). The OpenVINO paths are not built in these
-tests (their one-time conversion takes a minute); their choice logic is.
+No timings here (speed lives in benchmarks/run_all.py). The OpenVINO f32 path, the default where
+OpenVINO is installed, is converted once into a temporary cache and checked against fp32 (about
+10 s); the bf16 ones are only chosen, not built.
 """
 
 from __future__ import annotations
@@ -168,3 +169,33 @@ def test_openvino_is_imported_without_its_usage_telemetry():
             "print(t.tm.__name__, c.tm.__name__, sys.modules.get('openvino_telemetry'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["openvino.tools.ovc.telemetry_stub", "openvino.tools.ovc.telemetry_stub", "None"]
+
+
+def test_the_openvino_body_is_the_encoder_in_another_layout(lite_medsam):
+    """What OpenVINO traces (channels-last in, 4-D permutes, split qkv) computes the encoder's maths."""
+    encoder = lite_medsam.sam.image_encoder
+    x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        reference = encoder(x)
+        tokens = fast._Embed(encoder)(x)
+        out = fast._EncoderBody(encoder)(tokens)
+    assert tokens.shape == (1, 256, 256, 64) and tokens.is_contiguous()
+    assert out.shape == reference.shape
+    assert float((out - reference).norm() / reference.norm()) < 1e-5  # BN folding's rounding only
+
+
+def test_openvino_f32_path_gives_the_fp32_embedding_and_mask(lite_medsam, spleen_slice, tmp_path):
+    pytest.importorskip("openvino", reason="OpenVINO is optional (the `fast` extra)")
+    path = fast.build_path(lite_medsam, "openvino-f32", cache_dir=tmp_path)
+    assert path.converted and list(tmp_path.glob("openvino/*.xml"))
+    x = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        reference = lite_medsam.sam.image_encoder(x)
+    out = path(x)
+    assert out.shape == (2, 256, 64, 64) and out.dtype == torch.float32
+    assert float((out - reference).norm() / reference.norm()) < 1e-4
+    again = fast.build_path(lite_medsam, "openvino-f32", cache_dir=tmp_path)
+    assert not again.converted  # the IR is reused
+    reference_mask, _ = _mask(lite_medsam, None, spleen_slice)
+    mask, _ = _mask(lite_medsam, path, spleen_slice)
+    assert _dice(mask, reference_mask) > 0.999

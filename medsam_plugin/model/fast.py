@@ -43,7 +43,7 @@ ENV_VAR = "MEDSAM_ENCODER"
 PATHS = ("fp32", "fp32-fast", "bf16", "openvino-f32", "openvino-bf16")
 MODES = ("auto", *PATHS)
 # Bumped whenever a path's numerics change, so disk caches never serve embeddings of an older version.
-PATH_VERSION = 2
+PATH_VERSION = 3
 
 
 # ---------------------------------------------------------------------------------------- machine
@@ -268,22 +268,86 @@ class EncoderPath:
 
 
 class _EncoderBody(nn.Module):
-    """TinyViT after its patch embedding: (B, D0, S, S) -> (B, 256, S/4, S/4); the part OpenVINO runs."""
+    """TinyViT after its patch embedding, written for OpenVINO: (B, S, S, D0) -> (B, 256, S/4, S/4).
+
+    The same modules and maths as `tiny_vit.TinyViT`, traced in a form OpenVINO's CPU plugin runs
+    with fewer copies (measured: 441 -> 400 ms a slice on the Intel machine, 9% faster):
+    - token <-> image changes are 4-D permutes (NHWC <-> NCHW), which the plugin turns into layout
+      choices, instead of 3-D transposes it runs as generic copies (9 ms each at 128x128);
+    - q, k and v come from three linears over the rows of the fused qkv weight, instead of one
+      linear and a split along a permuted axis (a reference-kernel split: 14 ms a slice);
+    - the input arrives channels-last, as the patch embedding produces it.
+    """
 
     def __init__(self, encoder):
         super().__init__()
         self.layers, self.neck = encoder.layers, encoder.neck
         self.out_resolution = encoder.out_resolution
 
+    @staticmethod
+    def _attention(attn, x):  # WindowAttention on (nW, N, C)
+        b, n, c = x.shape
+        heads, d = attn.num_heads, attn.head_dim
+        x = attn.norm(x)
+        # The published qkv weight is laid out per head as [q | k | v].
+        weight = attn.qkv.weight.view(heads, 3, d, c)
+        bias = attn.qkv.bias.view(heads, 3, d)
+        q, k, v = (F.linear(x, weight[:, i].reshape(heads * d, c), bias[:, i].reshape(heads * d))
+                   .view(b, n, heads, d).transpose(1, 2) for i in range(3))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn.attention_biases[:, attn.attention_bias_idxs])
+        return attn.proj(out.transpose(1, 2).reshape(b, n, c))
+
+    def _windowed(self, block, x):  # TinyViTBlock._windowed_attention with the attention above
+        h, w = block.resolution
+        b, _, c = x.shape
+        ws = block.window_size
+        if h == ws and w == ws:
+            return self._attention(block.attn, x)
+        x = x.view(b, h, w, c)
+        pad_b, pad_r = (-h) % ws, (-w) % ws
+        if pad_b or pad_r:
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        ph, pw = h + pad_b, w + pad_r
+        nh, nw = ph // ws, pw // ws
+        windows = x.view(b, nh, ws, nw, ws, c).transpose(2, 3).reshape(b * nh * nw, ws * ws, c)
+        x = self._attention(block.attn, windows).view(b, nh, nw, ws, ws, c).transpose(2, 3).reshape(b, ph, pw, c)
+        if pad_b or pad_r:
+            x = x[:, :h, :w]
+        return x.reshape(b, h * w, c)
+
+    def _block(self, block, x):  # TinyViTBlock on tokens (B, H*W, C)
+        h, w = block.resolution
+        b, n, c = x.shape
+        x = x + self._windowed(block, x)
+        x = block.local_conv(x.view(b, h, w, c).permute(0, 3, 1, 2))
+        x = x.permute(0, 2, 3, 1).reshape(b, n, c)
+        return x + block.mlp(x)
+
+    @staticmethod
+    def _merge(merge, x):  # PatchMerging: image (B, C, H, W) or tokens (B, H*W, C) -> tokens
+        if x.ndim == 3:
+            h, w = merge.in_resolution
+            x = x.view(x.shape[0], h, w, -1).permute(0, 3, 1, 2)
+        x = merge.act(merge.conv1(x))
+        x = merge.act(merge.conv2(x))
+        x = merge.conv3(x)
+        b, c, h, w = x.shape
+        return x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+
     def forward(self, x):
-        for stage in self.layers:
-            x = stage(x)
+        x = x.permute(0, 3, 1, 2)  # channels-last tokens -> the stage-0 convs' NCHW
+        for i, stage in enumerate(self.layers):
+            for block in stage.blocks:
+                x = block(x) if i == 0 else self._block(block, x)
+            if stage.downsample is not None:
+                x = self._merge(stage.downsample, x)
         h, w = self.out_resolution
-        return self.neck(x.transpose(1, 2).reshape(x.shape[0], -1, h, w))
+        b, _, c = x.shape
+        return self.neck(x.view(b, h, w, c).permute(0, 3, 1, 2))
 
 
 class _Embed(nn.Module):
-    """The patch embedding, BN folded, fp32: (B, 3, S, S) -> (B, D0, S, S) contiguous NCHW."""
+    """The patch embedding, BN folded, fp32: (B, 3, S, S) -> (B, S, S, D0) contiguous, channels-last."""
 
     def __init__(self, encoder):
         super().__init__()
@@ -291,8 +355,7 @@ class _Embed(nn.Module):
         self.embed1, self.embed2 = _PW(seq[0]), _PW(seq[2])
 
     def forward(self, x):
-        y = self.embed2(F.gelu(self.embed1(x.permute(0, 2, 3, 1))))
-        return y.permute(0, 3, 1, 2).contiguous()
+        return self.embed2(F.gelu(self.embed1(x.permute(0, 2, 3, 1)))).contiguous()
 
 
 class OpenVINOPath:
@@ -328,10 +391,10 @@ class OpenVINOPath:
             model = core.read_model(str(xml))
             self.converted = False
         else:
-            example = torch.zeros(1, encoder.patch_embed.seq[2].c.out_channels, size, size)
+            example = torch.zeros(1, size, size, encoder.patch_embed.seq[2].c.out_channels)
             with torch.no_grad():
                 model = ov.convert_model(body, example_input=example,
-                                         input=[ov.PartialShape([-1, example.shape[1], size, size])])
+                                         input=[ov.PartialShape([-1, size, size, example.shape[-1]])])
             try:
                 xml.parent.mkdir(parents=True, exist_ok=True)
                 tmp = xml.with_name(xml.stem + f".tmp{os.getpid()}.xml")
@@ -385,7 +448,7 @@ def openvino_ir_path(encoder: nn.Module, image_size: int, cache_dir=None):
 
     ov = import_openvino()
 
-    digest = hashlib.sha1(f"body-v2:{ov.__version__}:{torch.__version__}:{image_size}".encode())
+    digest = hashlib.sha1(f"body-v3:{ov.__version__}:{torch.__version__}:{image_size}".encode())
     for name, tensor in sorted(encoder.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
