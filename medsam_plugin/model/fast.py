@@ -297,28 +297,10 @@ class _EncoderBody(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn.attention_biases[:, attn.attention_bias_idxs])
         return attn.proj(out.transpose(1, 2).reshape(b, n, c))
 
-    def _windowed(self, block, x):  # TinyViTBlock._windowed_attention with the attention above
-        h, w = block.resolution
-        b, _, c = x.shape
-        ws = block.window_size
-        if h == ws and w == ws:
-            return self._attention(block.attn, x)
-        x = x.view(b, h, w, c)
-        pad_b, pad_r = (-h) % ws, (-w) % ws
-        if pad_b or pad_r:
-            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        ph, pw = h + pad_b, w + pad_r
-        nh, nw = ph // ws, pw // ws
-        windows = x.view(b, nh, ws, nw, ws, c).transpose(2, 3).reshape(b * nh * nw, ws * ws, c)
-        x = self._attention(block.attn, windows).view(b, nh, nw, ws, ws, c).transpose(2, 3).reshape(b, ph, pw, c)
-        if pad_b or pad_r:
-            x = x[:, :h, :w]
-        return x.reshape(b, h * w, c)
-
     def _block(self, block, x):  # TinyViTBlock on tokens (B, H*W, C)
         h, w = block.resolution
         b, n, c = x.shape
-        x = x + self._windowed(block, x)
+        x = x + block._windowed_attention(x, lambda windows: self._attention(block.attn, windows))
         x = block.local_conv(x.view(b, h, w, c).permute(0, 3, 1, 2))
         x = x.permute(0, 2, 3, 1).reshape(b, n, c)
         return x + block.mlp(x)

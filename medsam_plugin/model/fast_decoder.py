@@ -100,16 +100,6 @@ class FastMaskDecoder:
 
     # ------------------------------------------------------------------ attention pieces
     @staticmethod
-    def _tokens_attn(attn, q_in, k_in, v_in):
-        """Attention among the few prompt tokens (N, D) -> (N, D), as the reference computes it."""
-        q = attn._heads(attn.q_proj(q_in)[None])
-        k = attn._heads(attn.k_proj(k_in)[None])
-        v = attn._heads(attn.v_proj(v_in)[None])
-        w = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-        out = w.softmax(dim=-1) @ v
-        return attn.out_proj(out.transpose(1, 2).reshape(q_in.shape[0], attn.internal_dim))
-
-    @staticmethod
     def _token_to_image(attn, q_in, k_scaled, v):
         """Prompt tokens (N, D) attend to image tokens: k_scaled, v (HW, Di) -> (N, D)."""
         heads, n = attn.num_heads, q_in.shape[0]
@@ -141,10 +131,10 @@ class FastMaskDecoder:
             queries, keys, keys_pe = tokens, state.keys, state.keys_pe
             for i, block in enumerate(tr.layers):
                 if block.skip_first_layer_pe:
-                    queries = self._tokens_attn(block.self_attn, queries, queries, queries)
+                    queries = block.self_attn(queries[None], queries[None], queries[None])[0]
                 else:
                     q = queries + tokens
-                    queries = queries + self._tokens_attn(block.self_attn, q, q, queries)
+                    queries = queries + block.self_attn(q[None], q[None], queries[None])[0]
                 queries = block.norm1(queries)
 
                 t2i, i2t = block.cross_attn_token_to_image, block.cross_attn_image_to_token

@@ -210,12 +210,14 @@ class TinyViTBlock(nn.Module):
             dim, dim, kernel_size=local_conv_size, padding=local_conv_size // 2, groups=dim
         )
 
-    def _windowed_attention(self, x: torch.Tensor) -> torch.Tensor:
+    def _windowed_attention(self, x: torch.Tensor, attention=None) -> torch.Tensor:
+        """Window partition, `attention` on (B*nW, ws*ws, C) windows (default: self.attn), merge back."""
+        attention = self.attn if attention is None else attention
         h, w = self.resolution
         b, _, c = x.shape
         ws = self.window_size
         if h == ws and w == ws:
-            return self.attn(x)
+            return attention(x)
         # Zero-pad bottom/right to whole windows. The padding goes in *before* the attention's
         # layer norm, so padded tokens take part as keys exactly as in the published model.
         x = x.view(b, h, w, c)
@@ -227,7 +229,7 @@ class TinyViTBlock(nn.Module):
         windows = (
             x.view(b, nh, ws, nw, ws, c).transpose(2, 3).reshape(b * nh * nw, ws * ws, c)
         )  # (B*nW, ws*ws, C)
-        windows = self.attn(windows)
+        windows = attention(windows)
         x = windows.view(b, nh, nw, ws, ws, c).transpose(2, 3).reshape(b, ph, pw, c)
         if pad_b or pad_r:
             x = x[:, :h, :w]

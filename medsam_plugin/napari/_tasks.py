@@ -27,6 +27,7 @@ class Task:
         self.worker = None  # the napari worker, when threaded
         self.finished = threading.Event()
         self.pbar = None
+        self.described_at: float | None = None  # when the bar's text was last redrawn
 
     def cancel(self) -> None:
         self.cancel_event.set()
@@ -51,7 +52,8 @@ def _progress_bar(description: str):
 DESCRIPTION_INTERVAL_S = 0.25
 
 
-def _update_bar(pbar, value) -> None:
+def _update_bar(task: Task, value) -> None:
+    pbar = task.pbar
     if pbar is None:
         return
     done, total = getattr(value, "done", None), getattr(value, "total", None)
@@ -61,11 +63,10 @@ def _update_bar(pbar, value) -> None:
         pbar.n = int(done)
         message = getattr(value, "message", "")
         now = time.monotonic()
-        last = getattr(pbar, "_medsam_described_at", None)
         final = total is not None and int(done) >= int(total)
-        if message and (last is None or final or now - last >= DESCRIPTION_INTERVAL_S):
+        if message and (task.described_at is None or final or now - task.described_at >= DESCRIPTION_INTERVAL_S):
             pbar.set_description(message)
-            pbar._medsam_described_at = now
+            task.described_at = now
         pbar.refresh()
 
 
@@ -91,7 +92,7 @@ def start_task(
         # on a cached slice, 30-40 ms) is not slowed by building one: a napari bar costs ~60 ms.
         if task.pbar is None and not task.finished.is_set():
             task.pbar = _progress_bar(description)
-        _update_bar(task.pbar, value)
+        _update_bar(task, value)
         if on_yield is not None:
             on_yield(value)
 
