@@ -91,7 +91,8 @@ class SlicePredictor:
         The model's own fp32 encoder keeps the plain key (so earlier disk caches stay valid); a
         fast path (bf16, compiled...) adds its own `key`, so its embeddings never mix with fp32 ones.
         """
-        key = f"{self.spec.name}:{getattr(self.spec, 'sha256', None)}:{self.spec.image_size}:{self.spec.normalization}"
+        key = getattr(self.spec, "embedding_key", "") or \
+            f"{self.spec.name}:{getattr(self.spec, 'sha256', None)}:{self.spec.image_size}:{self.spec.normalization}"
         if self._encoder is not None:
             enc = self._encoder
             key += ":" + str(getattr(enc, "key", None) or f"encoder={type(enc).__module__}.{type(enc).__qualname__}")
@@ -205,11 +206,8 @@ class SlicePredictor:
                 raise ValueError(f"Got {len(pts_yx)} points but {labels.size} point labels.")
             self._check_inside(pts_yx, geom, "point")
             coords_xy = geom.coords_to_model(pts_yx[:, ::-1])  # the one (row, col) -> (x, y) swap
-            if box_xyxy is None:
-                # SAM pads point-only prompts with a "not a point" token.
-                coords_xy = np.concatenate([coords_xy, np.zeros((1, 2), np.float32)])
-                labels = np.concatenate([labels, [-1]])
-            points = (torch.as_tensor(coords_xy)[None].to(self.device), torch.as_tensor(labels)[None].to(self.device))
+            points = type(self.sam).pad_points(torch.as_tensor(coords_xy)[None].to(self.device),
+                                               torch.as_tensor(labels)[None].to(self.device), box_xyxy is not None)
         boxes = None
         if box_xyxy is not None:
             box = np.asarray(box_xyxy, dtype=np.float32).reshape(4)

@@ -10,18 +10,22 @@ import numpy as np
 
 
 def evaluate_case(image_path, label_path, labels: Iterable[int] | None = None, clicks: int = 0,
-                  model: str = "lite_medsam", device: str = "auto", mode: str | None = None, axis: str = "axial",
+                  model: str | None = None, device: str = "auto", mode: str | None = None, axis: str = "axial",
                   window=None, loaded_model=None, stop=None, label_names: dict | None = None,
-                  progress=None, cache_dir=None) -> dict:
+                  progress=None, cache_dir=None, protocol: str = "box") -> dict:
     """Simulated-expert evaluation of one scan; returns the JSON-ready report.
 
     labels: label values to evaluate (all non-zero values present by default).
+    protocol: the first prompt, "box", "click" or "box3d" (see evaluation/simulate.py).
     progress: optional callable(label_id, index, count) called before each object.
     """
     from ..engine.session import SegmentationSession
     from ..io import read_labels, read_volume
     from .simulate import simulate_object
 
+    from ..model.defaults import DEFAULT_MODEL
+
+    model = model or DEFAULT_MODEL
     volume = read_volume(image_path)
     truth_ijk = read_labels(label_path, volume)
     session = SegmentationSession(volume, model=model, device=device, axis=axis, window=window,
@@ -42,13 +46,14 @@ def evaluate_case(image_path, label_path, labels: Iterable[int] | None = None, c
             progress(label_id, i, len(chosen))
         name = (label_names or {}).get(label_id, f"label {label_id}")
         scores.append(simulate_object(session, truth_zyx == label_id, label_id, name=name, clicks=clicks,
-                                      mode=mode, stop=stop))
+                                      mode=mode, stop=stop, protocol=protocol))
     predictor = session.predictor
     return {
         "image": str(image_path),
         "label": str(label_path),
         "model": session.predictor.spec.name,
         "mode": mode or session.mode,
+        "protocol": protocol,
         "axis": axis,
         "clicks": clicks,
         "objects": sorted((s.as_dict() for s in scores), key=lambda o: o["label"]),
@@ -57,6 +62,9 @@ def evaluate_case(image_path, label_path, labels: Iterable[int] | None = None, c
         # Each object's own result, before the first-claim rule resolved overlaps (see simulate.py).
         "mean_dice_own": float(np.mean([s.dice_own for s in scores])) if scores else float("nan"),
         "mean_nsd_own": float(np.mean([s.nsd_own for s in scores])) if scores else float("nan"),
+        "mean_seed_dice": float(np.mean([s.seed_dice for s in scores])) if scores else float("nan"),
+        "mean_dsc_auc": float(np.mean([s.dsc_auc for s in scores])) if scores else float("nan"),
+        "mean_nsd_auc": float(np.mean([s.nsd_auc for s in scores])) if scores else float("nan"),
         "slices_encoded": predictor.encode_count,
         "prompts_decoded": predictor.decode_count,
     }

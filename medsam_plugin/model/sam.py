@@ -42,6 +42,18 @@ class SamModel(nn.Module):
         self.family = family
         self.image_size = image_size
 
+    @staticmethod
+    def pad_points(coords: torch.Tensor, labels: torch.Tensor, has_box: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM's rule for point prompts: without a box, a "not a point" token (label -1) is appended.
+
+        coords (B, N, 2) model-input xy, labels (B, N) int -> the tensors the prompt encoder takes.
+        The engine and the trainers both call this, so training sees exactly what inference gives.
+        """
+        if has_box:
+            return coords, labels
+        return (torch.cat([coords, torch.zeros_like(coords[:, :1])], dim=1),
+                torch.cat([labels, -torch.ones_like(labels[:, :1])], dim=1))
+
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, S, S) normalised float -> embeddings (B, 256, 64, 64)."""

@@ -27,7 +27,7 @@ def _recipes(text: str | None) -> dict | None:
 
 def add_finetune_parser(sub) -> None:
     """Add the `finetune` sub-command to the `medsam-plugin` sub-parsers."""
-    from .trainer import PROMPT_RECIPES, TRAIN_MODES
+    from .options import OBJECTIVES, PROMPT_RECIPES, TRAIN_MODES
 
     p = sub.add_parser(
         "finetune",
@@ -68,6 +68,23 @@ def add_finetune_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT.resume.pt")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (torchrun: one GPU per process)")
     p.add_argument("--json", default=None, help="write the training history here")
+    g = p.add_argument_group("interactive objective (--objective interactive)")
+    p.add_argument("--objective", default="propagation", choices=OBJECTIVES,
+                   help="propagation: slice-pair recipes (the earlier trainer); interactive: SAM-style episodes "
+                        "(box, one click or the neighbour's mask, then corrective clicks with the last logits fed back)")
+    g.add_argument("--steps", type=int, default=600, help="optimiser steps in all (interactive)")
+    g.add_argument("--max-rounds", type=int, default=6, help="corrective rounds per episode at most")
+    g.add_argument("--variants", type=int, default=4, help="augmented copies of each (case, view, window)")
+    g.add_argument("--slices-per-variant", type=int, default=24, help="slices encoded per augmented copy")
+    g.add_argument("--views", default="axial,coronal,sagittal", help="slicing views to train on")
+    g.add_argument("--val-every", type=int, default=100, help="validate and checkpoint every N steps")
+    g.add_argument("--prompt-encoder-lr-scale", type=float, default=10.0,
+                   help="learning-rate factor of the prompt encoder (its point embeddings move slowly at the decoder's rate)")
+    g.add_argument("--distill-weight", type=float, default=0.5, help="weight of the stock model's box answers")
+    g.add_argument("--validation-datalist", default=None, help="a datalist whose 'validation' cases validate")
+    g.add_argument("--bf16", default="auto", choices=("auto", "on", "off"),
+                   help="bfloat16 autocast of the decoder on CPU; auto: on where the CPU has AMX or AVX512-BF16")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
 def config_from_args(args):
@@ -86,11 +103,39 @@ def config_from_args(args):
     )
 
 
+def interactive_config_from_args(args):
+    from .interactive import InteractiveConfig
+
+    if args.bf16 == "auto":
+        import torch
+
+        from ..model.fast import cpu_bf16_support
+
+        bf16 = cpu_bf16_support()[0] and not torch.cuda.is_available()
+    else:
+        bf16 = args.bf16 == "on"
+    return InteractiveConfig(
+        datalist=args.datalist, out=args.out, data_root=args.data_root, base_model=args.model,
+        views=tuple(v.strip() for v in args.views.split(",") if v.strip()), variants=args.variants,
+        slices_per_variant=args.slices_per_variant, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, max_rounds=args.max_rounds,
+        prompt_encoder_lr_scale=args.prompt_encoder_lr_scale, distill_weight=args.distill_weight,
+        iou_weight=args.iou_weight, val_every=args.val_every, validation_datalist=args.validation_datalist,
+        max_minutes=args.max_minutes, resume=args.resume, seed=args.seed, device=args.device, bf16=bf16,
+        threads=args.threads, cache_dir=args.cache_dir, progress=True,
+    )
+
+
 def cmd_finetune(args) -> int:
     """Run `medsam-plugin finetune`; returns the exit status."""
-    from .trainer import finetune
+    if args.objective == "interactive":
+        from .interactive import train_interactive
 
-    result = finetune(config_from_args(args))
+        result = train_interactive(interactive_config_from_args(args))
+    else:
+        from .trainer import finetune
+
+        result = finetune(config_from_args(args))
     if result["rank"] == 0:
         if args.json:
             from ..io.atomic import atomic_write_text
@@ -100,7 +145,14 @@ def cmd_finetune(args) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m medsam_plugin.training.cli ... (same as medsam-plugin finetune)
-    from ..cli import main
+def main(argv=None) -> int:
+    """`python -m medsam_plugin.training.cli ...`: the finetune command on its own (torchrun runs this)."""
+    import argparse
 
-    sys.exit(main(["finetune", *sys.argv[1:]]))
+    parser = argparse.ArgumentParser(prog="medsam-plugin-finetune")
+    add_finetune_parser(parser.add_subparsers(dest="command", required=True))
+    return cmd_finetune(parser.parse_args(["finetune", *(sys.argv[1:] if argv is None else argv)]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

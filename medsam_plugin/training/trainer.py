@@ -39,21 +39,7 @@ from .transforms import SimulatePromptsd
 
 log = logging.getLogger(__name__)
 
-TRAIN_MODES = ("decoder", "all", "lora")
-# recipe -> sampling weight. "pred" = the model's own logits on the neighbour (what the engine
-# feeds in mask modes), "mask" = the neighbour's ground truth as +/- logits.
-PROMPT_RECIPES: dict[str, float] = {
-    "box": 0.15,             # expert box on the target (jittered GT box)
-    "mask": 0.10,            # neighbour's GT as dense prompt
-    "pred": 0.20,            # neighbour's predicted logits as dense prompt (mask mode)
-    "box+mask": 0.10,        # propagation box (neighbour's box + 3 px) + GT dense prompt
-    "box+pred": 0.15,        # propagation box + predicted logits (box+mask mode)
-    "points": 0.05,          # neighbour's deepest point (points mode)
-    "box+points": 0.05,      # propagation box + that point (box+points mode)
-    "box+click": 0.10,       # expert box + a corrective click
-    "mask+click": 0.10,      # neighbour's GT dense prompt + a corrective click
-}
-VALIDATION_RECIPES = ("box", "mask", "box+mask", "pred")
+from .options import PROMPT_RECIPES, TRAIN_MODES, VALIDATION_RECIPES  # noqa: E402,F401  (re-exported)
 
 
 @dataclass
@@ -215,7 +201,7 @@ def _make_encode_fn(loaded) -> Callable[[np.ndarray], np.ndarray]:
 
 def model_key(spec) -> str:
     """The same key the engine's embedding cache uses for a model and its preprocessing."""
-    return f"{spec.name}:{getattr(spec, 'sha256', None)}:{spec.image_size}:{spec.normalization}"
+    return getattr(spec, "embedding_key", "") or f"{spec.name}:{getattr(spec, 'sha256', None)}:{spec.image_size}:{spec.normalization}"
 
 
 def default_cache_dir() -> Path:
@@ -251,10 +237,10 @@ def build_prompts(recipe: str, batch: dict, neighbour_logits: torch.Tensor | Non
         points = (coords, labels)
     if recipe in ("box+click", "mask+click"):
         points = (batch["click"], batch["click_label"])
-    if points is not None and boxes is None:  # SAM pads point-only prompts with a "not a point" token
-        coords, labels = points
-        points = (torch.cat([coords, torch.zeros_like(coords[:, :1])], dim=1),
-                  torch.cat([labels, -torch.ones_like(labels[:, :1])], dim=1))
+    if points is not None:
+        from ..model.sam import SamModel
+
+        points = SamModel.pad_points(*points, has_box=boxes is not None)
     return points, boxes, masks
 
 

@@ -1,0 +1,659 @@
+"""SAM-style interactive fine-tuning: a model that answers a box, a click, a corrective click and the
+previous slice's mask.
+
+`train_interactive(InteractiveConfig(...))` is the Python API behind
+``medsam-plugin finetune --objective interactive``. The image encoder stays frozen; the prompt
+encoder and mask decoder train on embeddings computed once per (augmented) slice:
+
+1. **Slice bank.** Every case of the datalist is read through the MONAI chain of
+   `data.case_transforms` in each slicing view (axial, coronal, sagittal) and, for CT, several
+   windows (a lung or bone window of a CT slice is a new image). `augment.SliceAugment` makes
+   random copies (flips, 90-degree turns, zoom/crop, gamma/contrast), applied alike to a slice, its
+   label and its two neighbours' labels. Each augmented slice is encoded once (disk cache keyed by
+   pixels and model), so a resumed run encodes nothing again.
+2. **Samples.** (slice, object) with the object on the slice, and (slice, object) where the
+   object ends: its neighbour holds it, the slice does not (an empty target: the model learns to
+   answer "nothing here" to a dense prompt past the object's end).
+3. **Episodes.** A step draws one start for its batch (see `STARTS`): the expert's jittered box;
+   one foreground click (multimask output, the loss on the best candidate, as SAM trains the
+   ambiguous one-click case); the neighbour's mask as a dense prompt, alone or with the box
+   propagation gives. Then up to `max_rounds` corrective rounds, each adding a click at the centre
+   of the largest error region of the previous round's mask and feeding that round's low-res
+   logits back as the dense prompt. Loss on every round: DiceCE + MSE of the IoU head.
+4. **The box path is kept.** On box starts the stock model's logits are distilled (soft BCE) next
+   to the ground truth, so the new model does not drift from the box answers it started with.
+
+Frames: everything here is in the 256x256 model-input frame of LiteMedSAM (slice resized so its
+longest side is 256, top-left, zero padding), which is also the frame of the low-res logits.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .augment import SliceAugment, label_to_lowres
+from .data import case_transforms, data_errors, load_datalist
+
+log = logging.getLogger(__name__)
+
+# start -> sampling weight for a step's batch
+STARTS: dict[str, float] = {
+    "box": 0.25,        # the expert's box (jittered ground-truth box)
+    "click": 0.30,      # one foreground click inside the object (multimask)
+    "mask": 0.20,       # the neighbour slice's mask as a dense prompt (mask propagation)
+    "box+mask": 0.25,   # the propagation box (neighbour's box + 3 px) and the neighbour's mask
+}
+END_STARTS = ("mask", "box+mask")  # what a walk past an object's end gives the empty slice
+LOWRES = 256
+PROP_BOX_MARGIN = 3.0  # engine/propagation.py BOX_MARGIN_256: the propagation box's widening
+CT_WINDOWS = ("abdomen", "lung", "bone", "brain")
+MAX_ASPECT = 3.0  # views whose slices are longer than this times their width are skipped
+
+
+@dataclass
+class InteractiveConfig:
+    """Settings of one interactive fine-tuning run (CLI: ``medsam-plugin finetune --objective interactive``)."""
+
+    datalist: str
+    out: str
+    data_root: str | None = None
+    base_model: str = "lite_medsam"
+    views: tuple[str, ...] = ("axial", "coronal", "sagittal")
+    ct_windows: tuple[str, ...] = CT_WINDOWS
+    variants: int = 4                 # augmented copies per (case, view, window), besides the plain one
+    slices_per_variant: int = 24      # slices encoded per copy (the ones holding most objects kept first)
+    min_area: int = 16                # pixels (256 frame) of an object for a slice to count
+    steps: int = 600
+    batch_size: int = 8
+    lr: float = 1e-4
+    prompt_encoder_lr_scale: float = 10.0  # see InteractiveTrainer.setup
+    weight_decay: float = 1e-2
+    warmup_steps: int = 20
+    max_rounds: int = 6
+    distill_weight: float = 0.5
+    iou_weight: float = 1.0
+    starts: dict[str, float] = field(default_factory=lambda: dict(STARTS))
+    val_every: int = 100
+    validation_datalist: str | None = None   # default: the datalist's own "validation" list
+    val_slices_per_object: int = 3
+    max_minutes: float | None = None
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = False                # autocast the decoder in bfloat16 (fast on CPUs with AMX)
+    threads: int | None = None
+    cache_dir: str | None = None
+    fp16_weights: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.starts if s not in STARTS]
+        if unknown:
+            raise ValueError(f"Unknown start(s) {unknown}; known: {', '.join(STARTS)}.")
+        if self.max_rounds < 0 or self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch size must be positive and max_rounds not negative.")
+
+
+# ---------------------------------------------------------------------------------- slice bank
+@dataclass
+class BankSlice:
+    """One encoded (augmented) slice: embedding (256, 64, 64) float16 and labels in the 256 frame
+    (uint16 (256, 256)) of the slice and of its neighbours below and above (zeros off the volume)."""
+
+    embedding: np.ndarray
+    label: np.ndarray
+    neighbours: tuple[np.ndarray, np.ndarray]
+    case: str
+    view: str
+
+
+def _encoder_fn(loaded) -> Callable[[np.ndarray], np.ndarray]:
+    from .trainer import _make_encode_fn
+
+    return _make_encode_fn(loaded)
+
+
+def _model_key(loaded) -> str:
+    from .trainer import model_key
+
+    return model_key(loaded.spec)
+
+
+def default_cache_dir() -> Path:
+    from .trainer import default_cache_dir as base
+
+    return base()
+
+
+def _cached_encode(slices_u8: list[np.ndarray], encode, key: str, cache_dir: Path | None, progress=None) -> list[np.ndarray]:
+    """Embeddings of slices, read from `cache_dir` where present, encoded (and kept there) otherwise."""
+    from ..engine.embedding_cache import slice_signature
+    from ..io.atomic import atomic_save_npy
+
+    out: list[np.ndarray | None] = [None] * len(slices_u8)
+    todo = []
+    for i, s in enumerate(slices_u8):
+        path = None if cache_dir is None else cache_dir / f"{slice_signature(s, key)}.npy"
+        if path is not None and path.is_file():
+            try:
+                out[i] = np.load(path)
+                continue
+            except (OSError, ValueError):
+                pass  # damaged cache entry: encode again
+        todo.append((i, path))
+    for i, path in todo:
+        emb = np.asarray(encode(slices_u8[i][None])[0], dtype=np.float16)
+        out[i] = emb
+        if path is not None:
+            atomic_save_npy(path, emb)
+        if progress is not None:
+            progress(1)
+    return out  # type: ignore[return-value]
+
+
+def _objects_in(label_256: np.ndarray, min_area: int) -> list[int]:
+    values, counts = np.unique(label_256, return_counts=True)
+    return [int(v) for v, c in zip(values, counts) if v != 0 and c >= min_area]
+
+
+def build_bank(cases: Sequence[dict], loaded, cfg: InteractiveConfig, rng: np.random.Generator,
+               augment: bool = True, say=print) -> list[BankSlice]:
+    """Encode the slices training visits (see the module docstring); deterministic for a seed."""
+    from monai.transforms import Compose  # noqa: F401  (MONAI chain below)
+
+    encode = _encoder_fn(loaded)
+    key = _model_key(loaded)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    plan: list[tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray], str, str]] = []
+    for case in cases:
+        modality = str(case.get("modality", "auto")).upper()
+        windows = list(cfg.ct_windows) if modality == "CT" else [None]
+        for view in cfg.views:
+            for window in windows:
+                with data_errors():
+                    item = case_transforms(view, window, 1, None)(dict(case))
+                image, label = item["image"], item["label"]
+                n = image.shape[0]
+                if max(image.shape[1:]) > MAX_ASPECT * min(image.shape[1:]):
+                    break  # a thick-slice scan cut across its slices: a smear, not an image users see
+                copies = [SliceAugment.identity()]
+                if augment:
+                    copies += [SliceAugment.random(rng, modality) for _ in range(cfg.variants)]
+                if window not in (None, "abdomen") and augment:
+                    copies = copies[: max(1, len(copies) // 2)]  # other windows: fewer copies
+                for aug in copies:
+                    rows = []
+                    for z in range(n):
+                        lab = label_to_lowres(aug.apply_label(label[z]))
+                        objs = _objects_in(lab, cfg.min_area)
+                        ends = [v for v in np.unique(label[[zz for zz in (z - 1, z + 1) if 0 <= zz < n]])
+                                if v != 0 and v not in objs]
+                        if objs or ends:
+                            rows.append((len(objs) + 0.5 * len(ends) + rng.uniform(0, 0.1), z))
+                    rows.sort(reverse=True)
+                    for _, z in rows[: cfg.slices_per_variant]:
+                        img = aug.apply_image(image[z])
+                        nb = tuple(label_to_lowres(aug.apply_label(label[zz])) if 0 <= zz < n
+                                   else np.zeros((LOWRES, LOWRES), np.uint16) for zz in (z - 1, z + 1))
+                        plan.append((img, label_to_lowres(aug.apply_label(label[z])), nb, str(case["case"]), view))
+    say(f"slice bank: {len(plan)} slices from {len(cases)} case(s) (views {', '.join(cfg.views)})")
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(plan), desc="encoding slices", unit="slice", file=sys.stderr, leave=False)
+    embeddings = _cached_encode([p[0] for p in plan], encode, key, cache_dir,
+                                (lambda k: bar.update(k)) if bar is not None else None)
+    if bar is not None:
+        bar.close()
+    return [BankSlice(e, lab, nb, c, v) for e, (_, lab, nb, c, v) in zip(embeddings, plan)]
+
+
+def bank_samples(bank: Sequence[BankSlice], min_area: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(slice index, object) pairs with the object on the slice, and pairs where the object ends
+    (a neighbour holds it with at least `min_area` pixels, the slice holds none of it)."""
+    present, ends = [], []
+    for i, s in enumerate(bank):
+        objs = _objects_in(s.label, min_area)
+        present += [(i, v) for v in objs]
+        for nb in s.neighbours:
+            for v in _objects_in(nb, min_area):
+                if not (s.label == v).any() and (i, v) not in ends:
+                    ends.append((i, v))
+    return present, ends
+
+
+# ---------------------------------------------------------------------------------- prompts
+def _box_xyxy(mask: np.ndarray) -> np.ndarray | None:
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    return np.array([cols[0], rows[0], cols[-1], rows[-1]], dtype=np.float32)
+
+
+def jitter_box(box: np.ndarray, rng: np.random.Generator, frac: float = 0.1, px: float = 4.0) -> np.ndarray:
+    """Each side moved by up to `frac` of the box size plus `px` pixels, as an expert's box varies."""
+    w, h = box[2] - box[0] + 1, box[3] - box[1] + 1
+    d = rng.uniform(-1, 1, 4) * np.array([frac * w + px, frac * h + px, frac * w + px, frac * h + px])
+    out = np.clip(box + d * np.array([-1, -1, 1, 1]) * np.sign(rng.uniform(-0.2, 1, 4)), 0, LOWRES - 1)
+    return np.array([min(out[0], out[2]), min(out[1], out[3]), max(out[0], out[2]), max(out[1], out[3])], np.float32)
+
+
+def propagation_box(mask: np.ndarray) -> np.ndarray:
+    """The box propagation gives the next slice: the mask's box widened by 3 px (256 frame)."""
+    b = _box_xyxy(mask)
+    return np.clip(b + np.array([-1, -1, 1, 1]) * PROP_BOX_MARGIN, 0, LOWRES - 1).astype(np.float32)
+
+
+def click_in(mask: np.ndarray, rng: np.random.Generator, deepest: bool) -> np.ndarray:
+    """A click (x, y) inside `mask`: its deepest point, or a random point well inside it."""
+    from scipy.ndimage import distance_transform_edt
+
+    dist = distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    if deepest:
+        idx = int(np.argmax(dist))
+    else:
+        ok = np.flatnonzero(dist.ravel() >= 0.4 * dist.max())
+        idx = int(rng.choice(ok))
+    y, x = np.unravel_index(idx, mask.shape)
+    return np.array([x, y], dtype=np.float32)
+
+
+def corrective_click(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, int]:
+    """The click a simulated expert makes: centre of the largest error region and its label
+    (1 = add what was missed, 0 = remove what is wrong); a confirming click when nothing is wrong."""
+    from ..engine.propagation import interior_point_yx, largest_error_region
+
+    error = largest_error_region(truth, pred)
+    if error is None:
+        if truth.any():
+            y, x = interior_point_yx(truth)
+            return np.array([x, y], np.float32), 1
+        y, x = interior_point_yx(~pred)
+        return np.array([x, y], np.float32), 0
+    region, kind = error
+    y, x = interior_point_yx(region)
+    return np.array([x, y], np.float32), kind
+
+
+def dense_from_mask(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A neighbour's mask as logits like the model's own: a random gain, soft edges, a random
+    one- or two-pixel grow or shrink. (256, 256) bool -> (256, 256) float32."""
+    from scipy.ndimage import binary_dilation, binary_erosion, gaussian_filter
+
+    k = int(rng.integers(-2, 3))
+    m = mask
+    if k > 0:
+        m = binary_dilation(m, iterations=k)
+    elif k < 0 and mask.sum() > 60:
+        m = binary_erosion(m, iterations=-k)
+    soft = gaussian_filter(m.astype(np.float32), sigma=float(rng.uniform(0.5, 2.0)))
+    return ((soft * 2 - 1) * rng.uniform(4.0, 20.0)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------- episodes
+@dataclass
+class Episode:
+    """A batch's starting prompts (model frame) and targets; `clicks` grows by one per round."""
+
+    target: torch.Tensor                  # (B, 1, 256, 256) float {0, 1}
+    boxes: torch.Tensor | None            # (B, 4) xyxy
+    dense: torch.Tensor | None            # (B, 1, 256, 256) logits
+    clicks: list[np.ndarray]              # each (B, 2) xy
+    labels: list[np.ndarray]              # each (B,) int
+    start: str
+
+
+def make_episode(bank, pairs, start: str, rng: np.random.Generator) -> Episode:
+    targets, boxes, dense, first_clicks = [], [], [], []
+    for i, obj in pairs:
+        s = bank[i]
+        truth = s.label == obj
+        targets.append(truth)
+        nb_masks = [nb == obj for nb in s.neighbours]
+        nb_masks = [m for m in nb_masks if m.sum() > 0]
+        nb = nb_masks[int(rng.integers(len(nb_masks)))] if nb_masks else truth
+        if start == "box":
+            boxes.append(jitter_box(_box_xyxy(truth), rng))
+        elif start == "click":
+            first_clicks.append(click_in(truth, rng, deepest=bool(rng.uniform() < 0.5)))
+        if "mask" in start:
+            dense.append(dense_from_mask(nb, rng))
+        if start == "box+mask":
+            boxes.append(propagation_box(nb))
+    tgt = torch.as_tensor(np.stack(targets)[:, None].astype(np.float32))
+    ep = Episode(target=tgt, boxes=torch.as_tensor(np.stack(boxes)) if boxes else None,
+                 dense=torch.as_tensor(np.stack(dense)[:, None]) if dense else None, clicks=[], labels=[], start=start)
+    if first_clicks:
+        ep.clicks.append(np.stack(first_clicks))
+        ep.labels.append(np.ones(len(pairs), np.int64))
+    return ep
+
+
+def episode_points(ep: Episode):
+    """SAM's point tensors for the clicks so far; a point-only prompt gets SAM's padding point."""
+    if not ep.clicks:
+        return None
+    from ..model.sam import SamModel
+
+    coords = torch.as_tensor(np.stack(ep.clicks, axis=1))          # B,N,2
+    labels = torch.as_tensor(np.stack(ep.labels, axis=1))          # B,N
+    return SamModel.pad_points(coords, labels, has_box=ep.boxes is not None)
+
+
+def decode(sam, embeddings, points, boxes, dense, multimask: bool, bf16: bool):
+    """Prompt encoder + mask decoder on cached embeddings -> (logits (B,M,256,256) fp32, iou (B,M))."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and embeddings.device.type == "cpu"):
+        logits, iou = sam.decode(embeddings, points, boxes, dense, multimask)  # the model's own decode path
+    return logits.float(), iou.float()
+
+
+def _iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B, M, H, W) bool and (B, 1, H, W) {0,1} -> (B, M) IoU (1 where both are empty)."""
+    t = target > 0.5
+    inter = (pred & t).flatten(2).sum(-1).float()
+    union = (pred | t).flatten(2).sum(-1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def dice_np(a: np.ndarray, b: np.ndarray) -> float:
+    s = a.sum() + b.sum()
+    return 1.0 if s == 0 else float(2 * np.logical_and(a, b).sum() / s)
+
+
+# ---------------------------------------------------------------------------------- trainer
+class InteractiveTrainer:
+    """One interactive fine-tuning run; see `train_interactive`."""
+
+    def __init__(self, cfg: InteractiveConfig, log_fn: Callable[[str], None] | None = None) -> None:
+        from ..model.device import resolve_device
+
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.log = log_fn or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.out = Path(cfg.out)
+        self.resume_path = self.out.with_name(self.out.name + ".resume.pt")
+        self.rng = np.random.default_rng(cfg.seed)
+
+    # -- setup --------------------------------------------------------------------------------
+    def setup(self) -> None:
+        from monai.losses import DiceLoss
+
+        from ..model.registry import load_model
+
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        train_cases = load_datalist(cfg.datalist, cfg.data_root, "training")
+        val_source = cfg.validation_datalist or cfg.datalist
+        val_root = None if cfg.validation_datalist else cfg.data_root
+        val_cases = load_datalist(val_source, val_root, "validation", required=False)
+        self.loaded = load_model(cfg.base_model, device=self.device)
+        self.base_name = self.loaded.spec.base or self.loaded.spec.name
+        sam = self.loaded.sam
+        self.teacher = copy.deepcopy(sam).eval() if cfg.distill_weight > 0 else None
+        for p in sam.parameters():
+            p.requires_grad_(False)
+        params = [p for part in (sam.prompt_encoder, sam.mask_decoder) for p in part.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        self.params = params
+        # Adam moves every weight by about lr a step: the point embeddings (norm ~2 beside a positional
+        # encoding of norm ~11) barely move at the decoder's rate, so the prompt encoder gets more.
+        self.optimizer = torch.optim.AdamW(
+            [{"params": list(sam.mask_decoder.parameters()), "lr_scale": 1.0},
+             {"params": list(sam.prompt_encoder.parameters()), "lr_scale": cfg.prompt_encoder_lr_scale}],
+            lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.dice_loss = DiceLoss(sigmoid=True, reduction="none")
+        t0 = time.perf_counter()
+        self.bank = build_bank(train_cases, self.loaded, cfg, np.random.default_rng(cfg.seed), augment=True, say=self.log)
+        self.present, self.ends = bank_samples(self.bank, cfg.min_area)
+        self.val_bank = []
+        if val_cases:
+            vcfg = copy.copy(cfg)
+            vcfg.views, vcfg.ct_windows = ("axial",), ("abdomen",)
+            full = build_bank(val_cases, self.loaded, vcfg, np.random.default_rng(12345), augment=False, say=self.log)
+            self.val_bank = full
+        self.val_pairs = self._validation_pairs()
+        self.log(f"{len(self.present)} object samples and {len(self.ends)} object-end samples from {len(self.bank)} "
+                 f"slices; {len(self.val_pairs)} validation samples ({time.perf_counter() - t0:.0f} s)")
+
+    def _validation_pairs(self) -> list[tuple[int, int]]:
+        """Per validation object: its largest slice and slices spread over its extent."""
+        by_obj: dict[tuple[str, int], list[tuple[int, int]]] = {}
+        for i, s in enumerate(self.val_bank):
+            for v in _objects_in(s.label, self.cfg.min_area):
+                by_obj.setdefault((s.case, v), []).append((int((s.label == v).sum()), i))
+        pairs = []
+        for (case, v), items in sorted(by_obj.items()):
+            items.sort(reverse=True)
+            chosen = [items[0]] + [items[k] for k in np.linspace(0, len(items) - 1, self.cfg.val_slices_per_object + 1)
+                                   .round().astype(int)[1:] if k < len(items)]
+            seen = set()
+            for _, i in chosen:
+                if i not in seen:
+                    seen.add(i)
+                    pairs.append((i, v))
+        return pairs
+
+    # -- one episode ---------------------------------------------------------------------------
+    def _embeddings(self, bank, pairs) -> torch.Tensor:
+        return torch.as_tensor(np.stack([bank[i].embedding for i, _ in pairs]).astype(np.float32)).to(self.device)
+
+    def run_episode(self, bank, pairs, start: str, rounds: int, rng: np.random.Generator, train: bool):
+        """Round 0 from the start prompt, then `rounds` corrective rounds. Returns per-round losses
+        (tensors with gradients when training) and per-round mean Dice (256 frame)."""
+        sam = self.loaded.sam
+        cfg = self.cfg
+        ep = make_episode(bank, pairs, start, rng)
+        emb = self._embeddings(bank, pairs)
+        target = ep.target.to(self.device)
+        truth_np = ep.target[:, 0].numpy() > 0.5
+        dense = None if ep.dense is None else ep.dense.to(self.device)
+        boxes = None if ep.boxes is None else ep.boxes.to(self.device)
+        losses, dices = [], []
+        for r in range(rounds + 1):
+            multimask = start == "click" and r == 0
+            pts = episode_points(ep)
+            if pts is not None:
+                pts = (pts[0].to(self.device), pts[1].to(self.device))
+            with torch.set_grad_enabled(train):
+                logits, iou_pred = decode(sam, emb, pts, boxes, dense, multimask, cfg.bf16)
+                b, m = logits.shape[:2]
+                seg = self.seg_loss(logits, target)  # B,M
+                real_iou = _iou(logits.detach() > 0, target)
+                best = seg.detach().argmin(dim=1) if multimask else torch.zeros(b, dtype=torch.long, device=self.device)
+                pick = torch.arange(b, device=self.device)
+                loss = seg[pick, best].mean() + cfg.iou_weight * F.mse_loss(iou_pred, real_iou)
+                if r == 0 and start == "box" and self.teacher is not None and train:
+                    with torch.no_grad():
+                        t_logits, _ = decode(self.teacher, emb, None, boxes, None, False, cfg.bf16)
+                    loss = loss + cfg.distill_weight * F.binary_cross_entropy_with_logits(
+                        logits[:, :1], torch.sigmoid(t_logits))
+            losses.append(loss)
+            chosen = logits[pick, best].detach()  # B,256,256
+            if multimask and not train:  # at inference the engine keeps the best predicted IoU
+                chosen = logits[pick, iou_pred.detach().argmax(dim=1)].detach()
+            pred_np = (chosen > 0).cpu().numpy()
+            dices.append(float(np.mean([dice_np(p, t) for p, t in zip(pred_np, truth_np)])))
+            if r == rounds:
+                break
+            clicks = [corrective_click(t, p) for t, p in zip(truth_np, pred_np)]
+            ep.clicks.append(np.stack([c for c, _ in clicks]))
+            ep.labels.append(np.array([k for _, k in clicks], np.int64))
+            dense = chosen[:, None]  # the round's own low-res logits: what the engine feeds back
+        return losses, dices
+
+    def seg_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """MONAI Dice + BCE per mask: (B, M, H, W) logits, (B, 1, H, W) target -> (B, M). An empty
+        target is scored by BCE alone (Dice of nothing against nothing says nothing)."""
+        tgt = target.expand_as(logits)
+        bce = F.binary_cross_entropy_with_logits(logits, tgt, reduction="none").mean(dim=(2, 3))
+        dice = self.dice_loss(logits, tgt).reshape(bce.shape)
+        has_object = (target.flatten(1).sum(1) > 0).float()[:, None]
+        return bce + dice * has_object
+
+    # -- loops ---------------------------------------------------------------------------------
+    def _lr(self, step: int) -> float:
+        cfg = self.cfg
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+    def train_step(self, step: int) -> dict:
+        cfg = self.cfg
+        rng = np.random.default_rng(cfg.seed * 1_000_003 + step)  # a resumed run draws the same steps
+        names = list(cfg.starts)
+        weights = np.array([cfg.starts[n] for n in names], np.float64)
+        start = names[int(rng.choice(len(names), p=weights / weights.sum()))]
+        use_ends = start in END_STARTS and self.ends and rng.uniform() < 0.25
+        pool = self.ends if use_ends else self.present
+        pairs = [pool[int(k)] for k in rng.integers(0, len(pool), cfg.batch_size)]
+        rounds = int(rng.integers(0, cfg.max_rounds + 1))
+        for g in self.optimizer.param_groups:
+            g["lr"] = self._lr(step) * g.get("lr_scale", 1.0)
+        self.loaded.sam.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        losses, dices = self.run_episode(self.bank, pairs, start, rounds, rng, train=True)
+        total = torch.stack(losses).mean()
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        return {"loss": float(total.detach()), "start": start + (" (end)" if use_ends else ""), "rounds": rounds,
+                "dice_first": dices[0], "dice_last": dices[-1]}
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Dice on held-out slices: box, one click, the neighbour's mask, and after 3 corrections
+        from a box and from a click. 'score' is their mean."""
+        if not self.val_pairs:
+            return {}
+        self.loaded.sam.eval()
+        out: dict[str, float] = {}
+        for start, rounds in (("box", 3), ("click", 3), ("mask", 0), ("box+mask", 0)):
+            rng = np.random.default_rng(777)
+            firsts, lasts = [], []
+            for k in range(0, len(self.val_pairs), 16):
+                chunk = self.val_pairs[k:k + 16]
+                _, dices = self.run_episode(self.val_bank, chunk, start, rounds, rng, train=False)
+                firsts.append((dices[0], len(chunk)))
+                lasts.append((dices[-1], len(chunk)))
+            n = sum(c for _, c in firsts)
+            out[start] = sum(d * c for d, c in firsts) / n
+            if rounds:
+                out[f"{start}+{rounds}clicks"] = sum(d * c for d, c in lasts) / n
+        out["score"] = float(np.mean(list(out.values())))
+        return out
+
+    def save_model(self, path: Path, meta: dict) -> Path:
+        from ..model.checkpoints import save_checkpoint
+
+        sam = self.loaded.sam
+        if self.cfg.fp16_weights:
+            sam = copy.deepcopy(sam).half()
+        return save_checkpoint(path, sam, base=self.base_name, meta=meta,
+                               trainable_prefixes=("prompt_encoder.", "mask_decoder."))
+
+    def _trainable_state(self) -> dict:
+        sam = self.loaded.sam
+        return {n: p.detach().cpu().clone() for n, p in sam.named_parameters() if p.requires_grad}
+
+    def save_resume(self, state: dict) -> None:
+        from ..io.atomic import atomic_torch_save
+
+        atomic_torch_save(self.resume_path, state)
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        deadline = None if cfg.max_minutes is None else t_start + 60 * cfg.max_minutes
+        torch.manual_seed(cfg.seed)
+        self.setup()
+        history: list[dict] = []
+        first_step, best = 0, -math.inf
+        if cfg.resume:
+            if not self.resume_path.is_file():
+                raise FileNotFoundError(f"--resume was given but there is no resume state at {self.resume_path}; "
+                                        "start without --resume, or point --out at the earlier run's checkpoint.")
+            state = torch.load(self.resume_path, map_location="cpu", weights_only=True)
+            self.loaded.sam.load_state_dict(state["trainable"], strict=False)
+            self.optimizer.load_state_dict(state["optimizer"])
+            first_step, best, history = int(state["step"]), float(state["best"]), list(state["history"])
+            self.log(f"resumed at step {first_step} (best validation score {best:.4f})")
+        else:
+            val = self.validate()
+            history.append({"step": 0, "val": val})
+            self.log("step 0 (stock): val " + _fmt(val))
+        stopped = "steps done"
+        window: list[dict] = []
+        step = first_step
+        while step < cfg.steps:
+            if deadline is not None and time.perf_counter() > deadline:
+                stopped = "time limit"
+                break
+            window.append(self.train_step(step))
+            step += 1
+            if step % 10 == 0:
+                self.log(f"step {step}/{cfg.steps}: loss {np.mean([w['loss'] for w in window[-10:]]):.4f} "
+                         f"dice first {np.mean([w['dice_first'] for w in window[-10:]]):.3f} "
+                         f"last {np.mean([w['dice_last'] for w in window[-10:]]):.3f} "
+                         f"({(time.perf_counter() - t_start) / 60:.1f} min)")
+            if step % cfg.val_every == 0 or step == cfg.steps:
+                best = self._checkpoint(step, history, window, best)
+                window = []
+        if step % cfg.val_every != 0 and step != cfg.steps and window:
+            best = self._checkpoint(step, history, window, best)
+        result = {"checkpoint": str(self.out), "history": history, "best_score": best, "stopped": stopped,
+                  "steps": step, "seconds": time.perf_counter() - t_start, "rank": 0}
+        self.log(f"done ({stopped}) at step {step}; best validation score {best:.4f}; checkpoint {self.out}")
+        return result
+
+    def _checkpoint(self, step: int, history: list, window: list, best: float) -> float:
+        val = self.validate()
+        train = {"loss": float(np.mean([w["loss"] for w in window])) if window else float("nan"),
+                 "dice_first": float(np.mean([w["dice_first"] for w in window])) if window else float("nan")}
+        history.append({"step": step, "train": train, "val": val})
+        score = val.get("score", -train["loss"])
+        improved = score > best
+        if improved or not self.out.exists():
+            best = max(best, score)
+            self.save_model(self.out, self._meta(history, step, val))
+        self.save_resume({"step": step, "trainable": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
+                          "best": best, "history": history, "config": _plain(self.cfg)})
+        self.log(f"step {step}: val " + _fmt(val) + (" | saved" if improved else ""))
+        return best
+
+    def _meta(self, history: list, step: int, val: dict) -> dict:
+        return {"trained_by": "medsam_plugin.training.interactive", "objective": "interactive", "step": step,
+                "validation": val, "history": history, "config": _plain(self.cfg),
+                "prompts": ["box", "points", "mask"], "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _fmt(val: dict) -> str:
+    return " ".join(f"{k} {v:.3f}" for k, v in val.items())
+
+
+def _plain(cfg: InteractiveConfig) -> dict:
+    return json.loads(json.dumps(asdict(cfg), default=str))
+
+
+def train_interactive(config: InteractiveConfig | None = None, log_fn=None, **kwargs) -> dict:
+    """Run interactive fine-tuning; returns {"checkpoint", "history", "best_score", "stopped", ...}."""
+    cfg = config or InteractiveConfig(**kwargs)
+    return InteractiveTrainer(cfg, log_fn).run()

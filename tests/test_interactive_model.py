@@ -1,0 +1,116 @@
+"""The shipped interactive model (medsam_interactive) on the real spleen sample, real weights.
+
+It must load with its checksum checked, answer one click, improve with corrections, and the
+evaluation protocols that measure it must give their JSON fields.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SPLEEN = REPO / "sample_data" / "ct_spleen_msd_spleen2_crop"
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def interactive():
+    from medsam_plugin.model.registry import load_model
+
+    return load_model("medsam_interactive", device="cpu")
+
+
+def test_shipped_weights_load_with_their_checksum(tmp_path, monkeypatch):
+    from medsam_plugin.model import registry
+    from medsam_plugin.model.errors import ModelLoadError
+
+    spec = registry.REGISTRY["medsam_interactive"]
+    path = registry.packaged_weights_dir() / registry.INTERACTIVE_FILE
+    assert spec.sha256 and registry.file_sha256(path, use_cache=False) == spec.sha256
+    assert spec.prompts == ("box", "points", "mask") and spec.base == "lite_medsam"
+    # the same file with one byte changed must be refused, naming the model
+    bad_dir = tmp_path / "weights"
+    bad_dir.mkdir()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bad_dir / registry.INTERACTIVE_FILE).write_bytes(bytes(data))
+    monkeypatch.setattr(registry, "packaged_weights_dir", lambda: bad_dir)
+    with pytest.raises(ModelLoadError, match="medsam_interactive"):
+        registry.load_model("medsam_interactive", device="cpu")
+
+
+def test_it_shares_the_stock_encoder_embeddings(interactive, lite_medsam):
+    import torch
+
+    assert interactive.spec.embedding_key == lite_medsam.spec.embedding_key
+    for a, b in zip(interactive.sam.image_encoder.state_dict().values(), lite_medsam.sam.image_encoder.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def _spleen_session(loaded, cache_dir):
+    from medsam_plugin.engine.session import SegmentationSession
+    from medsam_plugin.io import read_labels, read_volume
+
+    volume = read_volume(SPLEEN / "image.nii.gz")
+    session = SegmentationSession(volume, loaded_model=loaded, cache_dir=cache_dir)
+    truth = session.view.to_view(read_labels(SPLEEN / "label.nii.gz", volume)) == 1
+    return session, truth
+
+
+def test_one_click_segments_the_spleen(interactive, embedding_cache_dir):
+    from medsam_plugin.engine.propagation import interior_point_yx
+    from medsam_plugin.evaluation.metrics import dice
+
+    session, truth = _spleen_session(interactive, embedding_cache_dir)
+    z = int(np.argmax(truth.sum(axis=(1, 2))))
+    session.add_object("spleen", label_id=1)
+    pred = session.segment_slice(1, z, points_yx=interior_point_yx(truth[z])[None], point_labels=np.array([1]))
+    assert dice(pred.mask_yx, truth[z]) >= 0.85
+
+
+def test_three_corrections_never_lower_the_spleen_dice(interactive, embedding_cache_dir):
+    from medsam_plugin.evaluation.simulate import simulate_object
+
+    session, truth = _spleen_session(interactive, embedding_cache_dir)
+    score = simulate_object(session, truth, 1, name="spleen", clicks=3)
+    rounds = score.dice_per_round
+    assert len(rounds) == 4
+    assert all(b >= a - 1e-9 for a, b in zip(rounds, rounds[1:])), rounds
+    assert rounds[0] >= 0.85
+
+
+def test_protocols_and_their_json_fields(tmp_path, embedding_cache_dir):
+    reports = {}
+    for protocol in ("click", "box3d"):
+        out = tmp_path / f"{protocol}.json"
+        cmd = [sys.executable, "-m", "medsam_plugin.cli", "evaluate", str(SPLEEN / "image.nii.gz"),
+               str(SPLEEN / "label.nii.gz"), "--model", "medsam_interactive", "--protocol", protocol,
+               "--clicks", "1", "--cache-dir", str(embedding_cache_dir), "--json", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        reports[protocol] = json.loads(out.read_text())
+    for protocol, report in reports.items():
+        assert report["protocol"] == protocol
+        obj = report["objects"][0]
+        for key in ("seed_dice", "dice_per_round", "nsd_per_round", "dsc_auc", "nsd_auc", "span"):
+            assert key in obj, key
+        assert len(obj["dice_per_round"]) == len(obj["nsd_per_round"]) == 2
+        assert obj["dsc_auc"] == pytest.approx((obj["dice_per_round"][0] + obj["dice_per_round"][1]) / 2)
+        assert obj["seed_dice"] >= 0.85
+    span = reports["box3d"]["objects"][0]["span"]
+    lo, hi = span["truth_range"]
+    assert lo <= span["pred_range"][0] and span["pred_range"][1] <= hi  # box3d never leaves the label's extent
+
+
+def test_the_box_only_model_is_flagged_as_such():
+    from medsam_plugin.model.registry import REGISTRY
+
+    assert not REGISTRY["lite_medsam"].reads_points and not REGISTRY["lite_medsam"].reads_masks
+    assert REGISTRY["medsam_interactive"].reads_points and REGISTRY["medsam_interactive"].reads_masks

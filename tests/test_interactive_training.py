@@ -1,0 +1,133 @@
+"""Interactive fine-tuning (training/interactive.py) on a tiny slice bank, real LiteMedSAM weights.
+
+The prompt pieces (jittered boxes, clicks, corrective clicks, dense prompts from masks, the slice
+augmentation) are checked on synthetic arrays; the loop itself on two encoded spleen slices.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medsam_plugin.training.augment import SliceAugment, label_to_lowres
+from medsam_plugin.training.interactive import (
+    InteractiveConfig,
+    InteractiveTrainer,
+    click_in,
+    corrective_click,
+    dense_from_mask,
+    jitter_box,
+    propagation_box,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "sample_data"
+
+
+def _disk(shape=(256, 256), centre=(100, 120), r=30) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= r * r
+
+
+def test_corrective_click_goes_to_the_largest_error_with_its_label():
+    truth = _disk()
+    pred = truth.copy()
+    pred[60:100, 80:160] = False  # a missed band: the click must add (label 1) inside it
+    (x, y), label = corrective_click(truth, pred)
+    assert label == 1 and truth[int(y), int(x)] and not pred[int(y), int(x)]
+    pred2 = truth | _disk(centre=(200, 200), r=20)  # a false island: remove it (label 0)
+    (x, y), label = corrective_click(truth, pred2)
+    assert label == 0 and pred2[int(y), int(x)] and not truth[int(y), int(x)]
+
+
+def test_clicks_boxes_and_dense_prompts_stay_on_the_object():
+    rng = np.random.default_rng(0)
+    truth = _disk()
+    for deepest in (True, False):
+        x, y = click_in(truth, rng, deepest)
+        assert truth[int(y), int(x)]
+    x, y = click_in(truth, rng, True)
+    assert abs(x - 120) <= 1 and abs(y - 100) <= 1  # the deepest point of a disc is its centre
+    box = propagation_box(truth)
+    assert np.allclose(box, [87, 67, 153, 133])  # the mask's box widened by 3 px
+    for _ in range(20):
+        j = jitter_box(np.array([90, 70, 150, 130], np.float32), rng)
+        assert 0 <= j[0] <= j[2] <= 255 and 0 <= j[1] <= j[3] <= 255
+        assert abs(j[0] - 90) <= 0.1 * 61 + 4 + 1e-3
+    logits = dense_from_mask(truth, rng)
+    inside, outside = logits[truth & ~np.roll(truth, 5, 0)], logits[~truth]
+    assert (logits[100, 120] > 2) and (logits[5, 5] < -2)
+    assert inside.mean() > 0 > outside.mean()
+
+
+def test_slice_augment_moves_image_and_label_together():
+    image = np.zeros((80, 120), np.uint8)
+    label = np.zeros((80, 120), np.uint16)
+    image[10:30, 20:50] = 200
+    label[10:30, 20:50] = 7
+    rng = np.random.default_rng(3)
+    for _ in range(12):
+        aug = SliceAugment.random(rng)
+        img, lab = aug.apply_image(image), aug.apply_label(label)
+        assert img.shape == lab.shape and lab.dtype == np.uint16
+        assert set(np.unique(lab)) <= {0, 7}  # nearest neighbour: no new label values
+        if (lab == 7).sum() > 20:  # the object's pixels stay bright in the image
+            assert img[lab == 7].mean() > img[lab == 0].mean() + 50
+    low = label_to_lowres(label)
+    assert low.shape == (256, 256) and low[:, 171:].max() == 0  # 120 -> 256 wide, 80 -> 171 high padded
+    assert abs((low == 7).sum() / (label == 7).sum() - (256 / 120) ** 2) < 0.4
+
+
+@pytest.fixture(scope="module")
+def tiny_datalist(tmp_path_factory):
+    import nibabel as nib
+
+    root = tmp_path_factory.mktemp("interactive_tiny")
+    case = "ct_spleen_msd_spleen2_crop"
+    image = nib.load(SAMPLE / case / "image.nii.gz")
+    label = nib.load(SAMPLE / case / "label.nii.gz")
+    (root / case).mkdir()
+    nib.save(image.slicer[:, :, 13:17], root / case / "image.nii.gz")
+    lab = label.slicer[:, :, 13:17]
+    nib.save(nib.Nifti1Image(np.asarray(lab.dataobj).astype(np.uint8), lab.affine), root / case / "label.nii.gz")
+    item = {"image": f"{case}/image.nii.gz", "label": f"{case}/label.nii.gz", "modality": "CT"}
+    datalist = root / "dataset.json"
+    datalist.write_text(json.dumps({"labels": {"0": "background", "1": "spleen"}, "training": [item]}))
+    return datalist
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_training_lowers_the_loss_of_every_round(tiny_datalist, tmp_path, embedding_cache_dir):
+    from medsam_plugin.model.checkpoints import read_checkpoint
+
+    cfg = InteractiveConfig(datalist=str(tiny_datalist), out=str(tmp_path / "m.pth"), views=("axial",),
+                            ct_windows=("abdomen",), variants=0, slices_per_variant=2, steps=12, batch_size=4,
+                            max_rounds=2, lr=3e-4, warmup_steps=1, val_every=100, device="cpu",
+                            cache_dir=str(embedding_cache_dir), progress=False, seed=0)
+    trainer = InteractiveTrainer(cfg, log_fn=lambda msg: None)
+    trainer.setup()
+    assert len(trainer.bank) == 2 and trainer.present
+
+    def round_losses(start):
+        rng = np.random.default_rng(5)
+        pairs = [trainer.present[i % len(trainer.present)] for i in range(4)]
+        with torch.no_grad():
+            losses, _ = trainer.run_episode(trainer.bank, pairs, start, 2, rng, train=False)
+        return [float(v) for v in losses]
+
+    before = {s: round_losses(s) for s in ("click", "mask")}
+    for step in range(cfg.steps):
+        trainer.train_step(step)
+    after = {s: round_losses(s) for s in ("click", "mask")}
+    for start in before:
+        for r, (b, a) in enumerate(zip(before[start], after[start])):
+            assert a < b, f"{start} round {r}: loss {b:.4f} -> {a:.4f}"
+    trainer.save_model(Path(cfg.out), {"prompts": ["box", "points", "mask"]})
+    ckpt = read_checkpoint(cfg.out)
+    assert {k.split(".")[0] for k in ckpt["state_dict"]} == {"prompt_encoder", "mask_decoder"}
+    assert all(v.dtype == torch.float16 for v in ckpt["state_dict"].values())  # a few MB to ship
