@@ -15,11 +15,13 @@ from typing import Generator, Sequence
 import numpy as np
 
 from ..io import SliceView, Volume
+from ..model.defaults import DEFAULT_MODEL
 from .embedding_cache import EmbeddingCache
 from .labels import LabelVolume, SegmentedObject
 from .predictor import SlicePrediction, SlicePredictor
 from .preprocessing import normalize_volume, parse_window
-from .propagation import DEFAULT_CANDIDATES, DEFAULT_MODE, Progress, PropagationResult, StopRules, propagate
+from .propagation import (DEFAULT_CANDIDATES, DEFAULT_MODE, Progress, PropagationResult, SliceSignals, StopRules,
+                          propagate)
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ class SegmentationSession:
         cache_dir: folder for on-disk embeddings (None: memory only).
     """
 
-    def __init__(self, volume: Volume, model: str = "lite_medsam", device: str = "auto", axis: str = "axial",
+    def __init__(self, volume: Volume, model: str = DEFAULT_MODEL, device: str = "auto", axis: str = "axial",
                  window=None, loaded_model=None, cache_dir=None, cache_bytes: int | None = 2 * 1024**3):
         self.volume = volume
         self.view = SliceView(volume, axis=axis)
@@ -54,13 +56,33 @@ class SegmentationSession:
         self.seeds: dict[int, dict[int, SlicePrediction]] = {}
         self.stop_slices: dict[int, set[int]] = {}  # per object: slices its walks never enter
         self._propagated: dict[int, dict[int, SlicePrediction]] = {}
-        self.mode = DEFAULT_MODE
+        # Per object: slice -> confidence / stop signals of its last propagation, and why its walks ended.
+        self._confidence: dict[int, dict[int, float]] = {}
+        self.signals: dict[int, dict[int, SliceSignals]] = {}
+        self.stopped: dict[int, dict[str, str]] = {}
+        self._mode: str | None = None  # None: the loaded model's measured default mode
         self.candidates = DEFAULT_CANDIDATES
         self.stop_rules = StopRules()
         self.window = parse_window(window)
         self.image_u8 = normalize_volume(self.image_zyx, self.modality, self.window)
 
     # ------------------------------------------------------------------ model
+    @property
+    def mode(self) -> str:
+        """The propagation mode: the one set, else the model's measured default (`ModelSpec.default_mode`)."""
+        if self._mode is not None:
+            return self._mode
+        spec = getattr(self._loaded, "spec", None)
+        if spec is None:
+            from ..model.registry import REGISTRY
+
+            spec = REGISTRY.get(str(self.model_name))
+        return getattr(spec, "default_mode", None) or DEFAULT_MODE
+
+    @mode.setter
+    def mode(self, value: str | None) -> None:
+        self._mode = value
+
     @property
     def shape_zyx(self) -> tuple[int, int, int]:
         return tuple(self.image_zyx.shape)
@@ -91,7 +113,7 @@ class SegmentationSession:
         """The loaded model (loads it on first use); pass it to other sessions to share it."""
         return self.predictor.loaded
 
-    def set_model(self, model: str = "lite_medsam", device: str = "auto", loaded_model=None) -> None:
+    def set_model(self, model: str = DEFAULT_MODEL, device: str = "auto", loaded_model=None) -> None:
         """Switch model or device; objects, labels and seeds stay, embeddings are recomputed."""
         with self._lock:
             self.model_name, self.device, self._loaded = model, device, loaded_model
@@ -133,6 +155,8 @@ class SegmentationSession:
         self.seeds.pop(label_id, None)
         self.stop_slices.pop(label_id, None)
         self._propagated.pop(label_id, None)
+        for per_object in (self._confidence, self.signals, self.stopped):
+            per_object.pop(label_id, None)
 
     def clear_object(self, label_id: int) -> int:
         """Erase an object's voxels and seeds (undoable); the object itself stays in the list."""
@@ -141,6 +165,24 @@ class SegmentationSession:
         self.seeds[label_id] = {}
         self._propagated.pop(label_id, None)
         return changed
+
+    @property
+    def confidence(self) -> dict[int, dict[int, float]]:
+        """Per object: `confidence_of(label_id)` (slice -> confidence in [0, 1])."""
+        return {label_id: self.confidence_of(label_id) for label_id in self.labels.objects}
+
+    def confidence_of(self, label_id: int) -> dict[int, float]:
+        """Slice -> how sure the engine is of object `label_id` there, in [0, 1], for the slices it holds now.
+
+        Seeds (user-prompted slices) are 1.0, propagated slices carry their `slice_confidence`;
+        slices the object holds only because the user painted them have no entry. Read from the
+        current labels, so it follows undo, clearing and "stop here".
+        """
+        self._require(label_id)
+        present = (self.labels.array == label_id).any(axis=(1, 2))
+        scores = {z: c for z, c in self._confidence.get(label_id, {}).items() if present[z]}
+        scores.update({z: 1.0 for z in self.seeds.get(label_id, {}) if present[z]})
+        return dict(sorted(scores.items()))
 
     def mark_stop(self, label_id: int, z: int, stop: bool = True) -> None:
         """Mark (or unmark) slice z as one the object's propagation must not enter."""
@@ -246,6 +288,11 @@ class SegmentationSession:
             masks = {z: m for z, m in masks.items() if holds[z] or m.any()}
         self.labels.commit(label_id, masks, what=f"propagate {label_id}")
         self._propagated.setdefault(label_id, {}).update(result.predictions)
+        if from_slice is None:  # the whole object was redone: older scores no longer apply
+            self._confidence[label_id], self.signals[label_id] = {}, {}
+        self._confidence.setdefault(label_id, {}).update(result.confidence)
+        self.signals.setdefault(label_id, {}).update(result.signals)
+        self.stopped[label_id] = dict(result.stopped)
         return result
 
     def stop_here(self, label_id: int, z: int) -> int:

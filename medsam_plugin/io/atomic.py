@@ -62,3 +62,31 @@ def atomic_torch_save(path, obj) -> Path:
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(path, lambda tmp: torch.save(obj, tmp), suffix=".tmp")
+
+
+def json_safe(obj):
+    """A copy of `obj` that `json.dumps(..., allow_nan=False)` accepts: NaN and infinities become
+    None (JSON has no literal for them), numpy scalars and arrays plain numbers and lists."""
+    import math
+
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
+        return json_safe(obj.tolist())
+    if isinstance(obj, float) or type(obj).__name__.startswith("float"):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
+        return obj
+    if type(obj).__name__.startswith(("int", "uint")):
+        return int(obj)
+    return str(obj)
+
+
+def atomic_write_json(path, obj, indent: int = 2) -> Path:
+    """Strict JSON (no NaN literals, see `json_safe`), written atomically."""
+    import json
+
+    return atomic_write_text(path, json.dumps(json_safe(obj), indent=indent, allow_nan=False) + "\n")

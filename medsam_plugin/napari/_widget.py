@@ -3,7 +3,9 @@
 Workflow (docs/NAPARI.md): open a scan, draw a box (or click points) on one slice, press S to
 segment it, P to propagate through the volume, correct a slice with clicks (S again), paint with
 napari's label tools if needed, then export. Every handler is a plain method (tests call them);
-the keyboard shortcuts in `SHORTCUTS` call the same methods.
+the keyboard shortcuts in `SHORTCUTS` call the same methods. After a propagation the review strip
+shows the object's per-slice confidence along z, and G jumps to the least confident propagated
+slice not yet reviewed.
 
 Threading: model loading, slice encoding, propagation and precomputation run in napari
 `thread_worker`s via `_tasks.start_task` (inline with MEDSAM_PLUGIN_INLINE=1). While a task runs
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 from qtpy.QtCore import Qt
-from qtpy.QtGui import QColor, QIcon, QPixmap
+from qtpy.QtGui import QColor, QIcon, QImage, QPainter, QPixmap
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -45,11 +47,13 @@ from qtpy.QtWidgets import (
 
 from . import _autosave
 from ._reader import META_AXIS, META_COLORS, META_NAMES, META_SOURCE, META_VOLUME, layer_geometry
+from ..model.defaults import DEFAULT_MODEL
 from ._tasks import Task, start_task
 
 log = logging.getLogger(__name__)
 
-MODELS = ("lite_medsam", "medsam_vit_b", "sam_vit_b")
+# the default first; medsam_interactive answers clicks and dense prompts, lite_medsam boxes only
+MODELS = tuple(dict.fromkeys((DEFAULT_MODEL, "medsam_interactive", "lite_medsam", "medsam_vit_b", "sam_vit_b")))
 DEVICES = ("auto", "cpu", "cuda", "mps")
 WINDOWS = {  # name -> (level, width) in HU; "mr" = percentile normalisation
     "abdomen": (40.0, 400.0),
@@ -69,6 +73,7 @@ SHORTCUTS = {
     "X": ("stop_here", (), "stop the object at this slice"),
     "C": ("clear_object", (), "clear the current object"),
     "N": ("add_object", (), "new object"),
+    "G": ("review_next", (), "go to the least confident propagated slice not yet reviewed"),
     "Control-Z": ("undo", (), "undo"),
     "Control-Shift-Z": ("redo", (), "redo"),
 }
@@ -90,6 +95,75 @@ def _swatch(rgb) -> QIcon:
     pix = QPixmap(14, 14)
     pix.fill(QColor(*[int(c) for c in rgb[:3]]))
     return QIcon(pix)
+
+
+STRIP_WIDTH = 260
+STRIP_HEIGHT = 18
+STRIP_EMPTY = QColor(60, 60, 60)  # slices the object does not hold (or holds only by painting)
+STRIP_SEED = QColor(70, 130, 255)  # slices the user prompted
+
+
+def confidence_color(confidence: float) -> QColor:
+    """Red (0) through yellow to green (1)."""
+    return QColor.fromHsv(int(round(120 * float(np.clip(confidence, 0.0, 1.0)))), 210, 235)
+
+
+def render_confidence_strip(confidence: dict[int, float], n_slices: int, seeds=(), reviewed=(),
+                            current: int | None = None, width: int = STRIP_WIDTH,
+                            height: int = STRIP_HEIGHT) -> QImage:
+    """One object's confidence along z: a cell per slice, slice 0 on the left.
+
+    Seeds are blue, propagated slices red-to-green by confidence, other slices dark grey;
+    reviewed slices carry a white tick along the bottom, the current slice a black frame.
+    A QImage, not a QPixmap: its colours are exact whatever the display's depth.
+    """
+    pix = QImage(width, height, QImage.Format_RGB32)
+    pix.fill(STRIP_EMPTY)
+    n = max(1, int(n_slices))
+    painter = QPainter(pix)
+    try:
+        def span(z):
+            x0 = int(round(z * width / n))
+            return x0, max(1, int(round((z + 1) * width / n)) - x0)
+
+        seeds = set(seeds)
+        for z, c in confidence.items():
+            x, w = span(z)
+            painter.fillRect(x, 0, w, height, STRIP_SEED if z in seeds else confidence_color(c))
+        for z in reviewed:
+            x, w = span(z)
+            painter.fillRect(x, height - 3, w, 3, QColor(255, 255, 255))
+        if current is not None and 0 <= current < n:
+            x, w = span(current)
+            painter.setPen(QColor(0, 0, 0))
+            painter.drawRect(x, 0, max(1, w - 1), height - 1)
+    finally:
+        painter.end()
+    return pix
+
+
+class ConfidenceStrip(QLabel):
+    """The review strip; a click on it shows that slice (`on_slice(z)`)."""
+
+    def __init__(self, on_slice):
+        super().__init__()
+        self.on_slice = on_slice
+        self.n_slices = 0
+        self.image: QImage | None = None  # what is shown, for tests and screenshots
+        self.setFixedSize(STRIP_WIDTH, STRIP_HEIGHT)
+        self.setToolTip("Per-slice confidence of the current object along z (slice 0 on the left): "
+                        "blue = your prompted slices, red to green = propagated slices from unsure to sure, "
+                        "grey = not in the object. White tick = reviewed. Click to go to a slice; "
+                        "G goes to the least confident slice not yet reviewed.")
+
+    def show_image(self, image: QImage, n_slices: int) -> None:
+        self.image, self.n_slices = image, n_slices
+        self.setPixmap(QPixmap.fromImage(image))
+
+    def mousePressEvent(self, event):  # noqa: N802 (Qt name)
+        if self.n_slices:
+            x = event.pos().x()
+            self.on_slice(int(np.clip(x * self.n_slices // max(1, self.width()), 0, self.n_slices - 1)))
 
 
 class MedSAMWidget(QWidget):
@@ -129,12 +203,15 @@ class MedSAMWidget(QWidget):
         self.autosave_enabled = True
         self.timings: dict[str, list[float]] = {"segment_s": [], "propagation_step_s": []}
         self._propagated: set[int] = set()
+        self.reviewed: dict[int, set[int]] = {}  # label id -> slices the review key has shown
         self._loaded_models: dict[tuple[str, str], object] = {}
         self._updating = False
         self._bound_keys: list[tuple[object, str]] = []
         self._build_ui()
         self.viewer.layers.events.inserted.connect(self._refresh_scan_choices)
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
+        self.viewer.dims.events.current_step.connect(self._on_slice_changed)
+        self._strip_data: tuple = ({}, (), 0)  # (confidence, seeds, n slices) of the current object
         self._refresh_scan_choices()
         self._bind_keys(self.viewer)
         if self.session is None:
@@ -256,6 +333,21 @@ class MedSAMWidget(QWidget):
         grid.addWidget(self.cancel_btn, 4, 2)
         root.addWidget(actions)
 
+        review = QGroupBox("Review")
+        lay = QVBoxLayout(review)
+        self.confidence_strip = ConfidenceStrip(self._strip_clicked)
+        lay.addWidget(self.confidence_strip)
+        row = QHBoxLayout()
+        self.review_btn = QPushButton("Least sure slice [G]")
+        self.review_btn.setToolTip("Go to the least confident propagated slice you have not reviewed yet.")
+        self.review_btn.clicked.connect(lambda: self.review_next())
+        self.review_label = QLabel("Propagate an object to see how sure each slice is.")
+        self.review_label.setWordWrap(True)
+        row.addWidget(self.review_btn)
+        row.addWidget(self.review_label, 1)
+        lay.addLayout(row)
+        root.addWidget(review)
+
         export = QGroupBox("Save")
         row = QHBoxLayout(export)
         self.export_btn = QPushButton("Export label map…")
@@ -305,7 +397,8 @@ class MedSAMWidget(QWidget):
         self.cancel()
         self._unbind_keys()
         for emitter, slot in ((self.viewer.layers.events.inserted, self._refresh_scan_choices),
-                              (self.viewer.layers.events.removed, self._on_layer_removed)):
+                              (self.viewer.layers.events.removed, self._on_layer_removed),
+                              (self.viewer.dims.events.current_step, self._on_slice_changed)):
             try:
                 emitter.disconnect(slot)
             except Exception:
@@ -396,9 +489,11 @@ class MedSAMWidget(QWidget):
         self.prompts.clear()
         self.pending = None
         self._propagated.clear()
+        self.reviewed.clear()
         self.current_label = None
         self.object_list.clear()
         self._make_layers()
+        self._refresh_review()
         self._set_status(f"Scan: {volume.describe()}. Draw a box (or click points) on a slice, then press S.")
         self.autosave_folder = None
         src = layer.metadata.get(META_SOURCE) or (str(volume.source_path) if volume.source_path else None)
@@ -450,7 +545,7 @@ class MedSAMWidget(QWidget):
 
     # ================================================================== settings
     def model_name(self) -> str:
-        return self.model_combo.currentText().strip() or "lite_medsam"
+        return self.model_combo.currentText().strip() or DEFAULT_MODEL
 
     def device_name(self) -> str:
         return self.device_combo.currentText()
@@ -552,6 +647,7 @@ class MedSAMWidget(QWidget):
             self.labels_layer.metadata[META_COLORS] = {k: tuple(o.color) for k, o in objs.items()}
             if self.current_label is not None:
                 self.labels_layer.selected_label = self.current_label
+        self._refresh_review()
 
     def add_object(self, name: str | None = None) -> int | None:
         """Add an object (its own label id and colour) and make it current; returns its id."""
@@ -887,6 +983,10 @@ class MedSAMWidget(QWidget):
         covers = bool((self.session.labels.array[z] == label_id).any())
         correction = box is None and covers
         session = self.session
+        if box is None and not self._model_reads_points():
+            _notify("warning", f"The model '{self.model_name()}' was trained with boxes only and does not answer "
+                               "clicks reliably: draw a box around the structure, or choose the model "
+                               "'medsam_interactive', which is trained for clicks and corrections.")
 
         def work(cancel):
             from ..engine.propagation import Progress
@@ -919,6 +1019,16 @@ class MedSAMWidget(QWidget):
 
         self._run(work, f"Segmenting slice {z}", on_return=done)
         return self.task
+
+    def _model_reads_points(self) -> bool:
+        """Whether the chosen model was trained on point prompts (from its spec; loads nothing)."""
+        s = self.session
+        spec = s.predictor.spec if s is not None and s.model_loaded else None
+        if spec is None:
+            from ..model.registry import REGISTRY
+
+            spec = REGISTRY.get(self.model_name())
+        return spec is None or "points" in getattr(spec, "prompts", ("box", "points"))  # unknown files: no warning
 
     def _accept_pending(self) -> bool:
         if self.pending is None:
@@ -989,7 +1099,10 @@ class MedSAMWidget(QWidget):
         def done(result):
             self._remember_model()
             self._propagated.add(label_id)
+            # Slices this run rewrote need a new look; the others keep their review mark.
+            self.reviewed.setdefault(label_id, set()).difference_update(result.predictions)
             self._show_labels()
+            self._refresh_review()
             self._autosave()
             zs = result.slices
             why = "; ".join(f"{k}: {v}" for k, v in result.stopped.items())
@@ -1015,8 +1128,78 @@ class MedSAMWidget(QWidget):
         z = self.current_z()
         self.session.stop_here(label_id, z)  # also records z as the object's stop slice
         self._show_labels()
+        self._refresh_review()
         self._autosave()
         self._set_status(f"Object stops at slice {z}: later propagations will not enter it.")
+
+    # ================================================================== review
+    def _refresh_review(self) -> None:
+        """Recompute the current object's confidence along z and redraw the strip."""
+        label_id = self.current_label
+        if self.session is None or label_id is None or label_id not in self.session.labels.objects:
+            self._strip_data = ({}, (), self.session.shape_zyx[0] if self.session else 0)
+        else:
+            conf = self.session.confidence_of(label_id)
+            self._strip_data = (conf, tuple(self.session.seeds.get(label_id, {})), self.session.shape_zyx[0])
+            todo = self._to_review(label_id, conf)
+            if conf and len(conf) > len(self._strip_data[1]):
+                low = min(c for z, c in conf.items() if z not in self._strip_data[1])
+                self.review_label.setText(f"{len(todo)} propagated slices not reviewed; lowest confidence {low:.2f}.")
+            else:
+                self.review_label.setText("Propagate an object to see how sure each slice is.")
+        self._draw_strip()
+
+    def _draw_strip(self) -> None:
+        conf, seeds, n = self._strip_data
+        current = self.current_z() if self.session is not None and self.image_layer is not None else None
+        self.confidence_strip.show_image(render_confidence_strip(
+            conf, n, seeds=seeds, reviewed=self.reviewed.get(self.current_label, ()), current=current), n)
+
+    def _on_slice_changed(self, event=None) -> None:
+        if self.session is not None and self.image_layer is not None:
+            self._draw_strip()  # only the current-slice frame moves: no recomputation
+
+    def _strip_clicked(self, z: int) -> None:
+        if self.session is not None and self.image_layer is not None:
+            self.set_slice(z)
+
+    def _to_review(self, label_id: int, conf: dict[int, float]) -> dict[int, float]:
+        """Propagated slices (not the user's seeds) of the object that have not been reviewed: z -> confidence."""
+        seeds = self.session.seeds.get(label_id, {})
+        done = self.reviewed.get(label_id, set())
+        return {z: c for z, c in conf.items() if z not in seeds and z not in done}
+
+    def review_next(self) -> int | None:
+        """Show the current object's least confident propagated slice not yet reviewed, and mark it reviewed.
+
+        Returns the slice, or None when every propagated slice has been reviewed. Correcting a
+        slice (S) makes it a seed, which needs no review; a new propagation asks for the
+        slices it rewrote to be reviewed again.
+        """
+        if not self._ready("review slices"):
+            return None
+        self._sync_paint()  # what the object holds now decides which slices are left to review
+        label_id = self.current_label
+        todo = self._to_review(label_id, self.session.confidence_of(label_id)) if label_id is not None else {}
+        if not todo:
+            self._set_status("Every propagated slice of this object has been reviewed."
+                             if label_id in self._propagated else "Propagate the object first (P); then G shows "
+                             "its least confident slices one by one.")
+            return None
+        z = min(todo, key=lambda k: (todo[k], k))
+        self.reviewed.setdefault(label_id, set()).add(z)
+        self.set_slice(z)
+        sig = self.session.signals.get(label_id, {}).get(z)
+        why = ""
+        if sig is not None:
+            why = (f" (predicted IoU {sig.predicted_iou:.2f}, overlap with the neighbour {sig.iou_previous:.2f}, "
+                   f"stability {sig.stability:.2f}"
+                   + (f", intensity {sig.intensity_shift:.1f} seed stds off" if sig.intensity_shift is not None else "")
+                   + ")")
+        self._set_status(f"Slice {z}: confidence {todo[z]:.2f}{why}; {len(todo) - 1} more to review. "
+                         "Correct it with clicks (S), stop the object here (X), or press G for the next.")
+        self._refresh_review()
+        return z
 
     # ================================================================== history
     def undo(self) -> None:
@@ -1041,6 +1224,7 @@ class MedSAMWidget(QWidget):
         self._sync_paint()
         what = self.session.redo()
         self._show_labels()
+        self._refresh_review()
         if what:
             self._autosave()
         self._set_status(f"Redid: {what}." if what else "Nothing to redo.")
@@ -1058,9 +1242,11 @@ class MedSAMWidget(QWidget):
         for z in sorted(self.session.stop_slices.get(label_id, ())):
             self.session.mark_stop(label_id, z, stop=False)
         self._propagated.discard(label_id)
+        self.reviewed.pop(label_id, None)
         self.prompts.pop(label_id, None)
         self._load_prompts(None)
         self._show_labels()
+        self._refresh_review()
         self._autosave()
         self._set_status("Object cleared (Ctrl+Z brings the voxels back).")
 

@@ -138,9 +138,9 @@ def cmd_finetune(args) -> int:
         result = finetune(config_from_args(args))
     if result["rank"] == 0:
         if args.json:
-            from ..io.atomic import atomic_write_text
+            from ..io.atomic import atomic_write_json
 
-            atomic_write_text(args.json, json.dumps(result, indent=2, default=float))
+            atomic_write_json(args.json, result)
         print(f"wrote {result['checkpoint']} (best validation score {result['best_score']:.4f}; {result['stopped']})")
     return 0
 
