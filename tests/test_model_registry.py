@@ -316,7 +316,9 @@ def test_resolve_device():
 
 
 def test_registry_contents():
-    assert set(REGISTRY) == {"lite_medsam", "medsam_vit_b", "sam_vit_b", "sam_vit_l", "sam_vit_h"}
+    assert set(REGISTRY) == {"lite_medsam", "medsam_interactive", "medsam_vit_b", "sam_vit_b", "sam_vit_l", "sam_vit_h"}
+    assert REGISTRY["medsam_interactive"].base == "lite_medsam"
+    assert REGISTRY["medsam_interactive"].embedding_key == REGISTRY["lite_medsam"].embedding_key
     assert REGISTRY["medsam_vit_b"].normalization == "minmax01" and REGISTRY["medsam_vit_b"].image_size == 1024
     assert all(REGISTRY[n].normalization == "sam_imagenet" for n in ("sam_vit_b", "sam_vit_l", "sam_vit_h"))
     assert [s.family for s in registry.list_models()][0] == "tiny_vit"

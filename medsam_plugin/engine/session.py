@@ -213,7 +213,10 @@ class SegmentationSession:
         self._require(label_id)
         n_points = 0 if points_yx is None else len(np.asarray(points_yx).reshape(-1, 2))
         if multimask is None:
-            multimask = box_xyxy is None and n_points == 1 and not use_current_mask
+            # SAM's rule (three candidates for a lone point) for models never trained on points;
+            # a model trained on clicks answers them with its one trained output.
+            reads_points = getattr(getattr(self.predictor, "spec", None), "reads_points", False)
+            multimask = box_xyxy is None and n_points == 1 and not use_current_mask and not reads_points
         mask_logits = None
         previous = self.seeds.get(label_id, {}).get(z) or self._last_prediction(label_id, z)
         if use_current_mask and previous is not None:
@@ -332,7 +335,9 @@ class SegmentationSession:
 
         names = self.labels.names()
         colors = {k: o.color for k, o in self.labels.objects.items()}
-        written = [write_label_map(path, self.labels_ijk(), self.volume, names=names, colors=colors)]
+        model_name = self.predictor.spec.name if self.model_loaded else str(self.model_name)
+        written = [write_label_map(path, self.labels_ijk(), self.volume, names=names, colors=colors,
+                                   model_name=model_name)]
         if per_object_dir is not None:
             from ..io.writers import write_label_maps_per_object
 

@@ -4,6 +4,7 @@ No torch, napari or Qt here. See docs/ARCHITECTURE.md for the frames (`data_ijk`
 `view_zyx`).
 """
 
+from .dicom_seg import DicomSegWriteError, read_dicom_seg, write_dicom_seg
 from .orientation import SliceView
 from .readers import ImageReadError, LabelMismatchError, list_dicom_series, read_labels, read_volume
 from .volume import Volume, guess_modality
@@ -25,6 +26,9 @@ __all__ = [
     "SliceView",
     "write_label_map",
     "write_label_maps_per_object",
+    "write_dicom_seg",
+    "read_dicom_seg",
+    "DicomSegWriteError",
     "default_label_color",
     "default_palette",
     "sidecar_paths",

@@ -54,6 +54,10 @@ _NONFINITE_POLICIES = ("error", "fill")
 _DICOM_MODALITY_TAG = "0008|0060"
 _SERIES_UID_TAG = "0020|000e"
 _SERIES_DESCRIPTION_TAG = "0008|103e"
+_SOP_INSTANCE_UID_TAG = "0008|0018"
+_IMAGE_POSITION_TAG = "0020|0032"
+# Series of these modalities hold no image volume (segmentations, structure sets, reports...).
+NON_IMAGE_MODALITIES = ("SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "SR", "PR", "KO", "REG")
 
 
 class ImageReadError(Exception):
@@ -136,6 +140,13 @@ def read_volume(
             f"Cannot read '{p}': no such file or folder. Check the path (and that the disk is mounted)."
         )
     fmt = detect_format(p)
+    from .dicom_seg import is_dicom_seg
+
+    if p.is_file() and is_dicom_seg(p):
+        raise ImageReadError(
+            f"'{p}' is a DICOM SEG (a segmentation), not an image. Open the DICOM series it was made on as the "
+            f"image, then load the SEG as labels (read_labels(seg, volume), or open it in napari next to the scan)."
+        )
     if fmt == "nifti":
         data, affine, header = _read_nifti(p)
         dicom_modality = None
@@ -186,6 +197,9 @@ def read_labels(
 ) -> np.ndarray:
     """Read a label map that belongs to `reference` and return it in the reference's voxel grid.
 
+    A DICOM SEG file is placed on the DICOM series `reference` through the source instances its
+    frames reference (values = segment numbers; `io.dicom_seg.read_dicom_seg` also gives names).
+
     Returns:
         (I, J, K) uint8 array (uint16 once a label id exceeds 254) in `reference.data_ijk`'s
         index order.
@@ -198,6 +212,10 @@ def read_labels(
         ImageReadError: the file cannot be read, or its values are not non-negative integers.
     """
     p = Path(path)
+    from .dicom_seg import is_dicom_seg, read_dicom_seg
+
+    if is_dicom_seg(p):  # placed by the source instances it references, not by an affine
+        return read_dicom_seg(p, reference).labels_ijk
     lab = read_volume(p, modality="unknown")
     data = lab.data_ijk
     lab_aff = lab.affine_ras
@@ -302,6 +320,10 @@ def _read_dicom(folder: Path, series_uid: str | None) -> tuple[np.ndarray, np.nd
         )
     uids = [s["series_uid"] for s in series]
     if series_uid is None:
+        # A SEG (or RTSTRUCT, SR...) saved beside its scan is not a second image to choose from.
+        images = [s for s in series if s["modality"].upper() not in NON_IMAGE_MODALITIES]
+        if len(images) == 1 and len(series) > 1:
+            series = images
         if len(series) > 1:
             listing = "; ".join(
                 f"{s['series_uid']} ({s['n_files']} files, {s['modality'] or '?'}"
@@ -312,7 +334,7 @@ def _read_dicom(folder: Path, series_uid: str | None) -> tuple[np.ndarray, np.nd
                 f"The folder '{folder}' holds {len(series)} DICOM series: {listing}. Choose one by "
                 f"passing series_uid=... (CLI: --series-uid)."
             )
-        series_uid = uids[0]
+        series_uid = series[0]["series_uid"]
     elif series_uid not in uids:
         raise ImageReadError(
             f"The folder '{folder}' has no DICOM series with UID {series_uid}; it holds: {', '.join(uids)}."
@@ -337,7 +359,16 @@ def _read_dicom(folder: Path, series_uid: str | None) -> tuple[np.ndarray, np.nd
     header = {k: reader.GetMetaData(0, k) for k in reader.GetMetaDataKeys(0)}
     header["series_uid"] = series_uid
     header["n_files"] = len(files)
+    # Slice k of the volume is files[k] (the reader stacks them in this order): a DICOM SEG written
+    # later references these instances and takes each frame's position from them (io/dicom_seg.py).
+    header["dicom_files"] = tuple(str(f) for f in files)
+    header["sop_instance_uids"] = tuple(_slice_tag(reader, k, _SOP_INSTANCE_UID_TAG) for k in range(len(files)))
+    header["image_positions_lps"] = tuple(_slice_tag(reader, k, _IMAGE_POSITION_TAG) for k in range(len(files)))
     return _sitk_to_ijk(image, folder, header)
+
+
+def _slice_tag(reader, k: int, tag: str) -> str:
+    return reader.GetMetaData(k, tag).strip() if reader.HasMetaDataKey(k, tag) else ""
 
 
 def _series_uid_of_file(p: Path) -> str | None:

@@ -149,8 +149,8 @@ def _label_format(path: Path) -> str:
     if name.endswith(".mha"):
         return "mha"
     raise LabelWriteError(
-        f"Cannot write a label map to '{path}': use a .nii.gz, .nii, .nrrd or .mha file name "
-        f"(detached .nhdr/.mhd headers are not supported)."
+        f"Cannot write a label map to '{path}': use a .nii.gz, .nii, .nrrd or .mha file name, or .dcm for a "
+        f"DICOM SEG of a DICOM series (detached .nhdr/.mhd headers are not supported)."
     )
 
 
@@ -228,8 +228,13 @@ def write_label_map(
     colors: Mapping[int, tuple] | None = None,
     *,
     sidecars: bool = True,
+    model_name: str | None = None,
 ) -> Path:
     """Write a label volume on the reference image's grid, atomically, plus sidecar files.
+
+    A `.dcm` path writes a DICOM SEG instead (`io.dicom_seg.write_dicom_seg`; the reference must be
+    a DICOM series; names and colours travel inside the SEG, so no sidecars; `model_name` goes
+    into its algorithm identification).
 
     Args:
         path: output file, .nii.gz / .nii (NIfTI, source header copied) or .nrrd / .mha.
@@ -248,6 +253,10 @@ def write_label_map(
             or temporary file is left behind, and an existing output is left unchanged.
     """
     path = Path(path).expanduser()
+    if path.name.lower().endswith(".dcm"):
+        from .dicom_seg import write_dicom_seg
+
+        return write_dicom_seg(path, labels_ijk, reference, names, colors, model_name=model_name)
     fmt = _label_format(path)
     labels = _prepare_labels(labels_ijk, reference)
 

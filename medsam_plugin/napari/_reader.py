@@ -21,6 +21,7 @@ META_AXIS = "medsam_axis"  # the SliceView axis the layer shows ("axial", ...)
 META_SOURCE = "medsam_source_path"  # str path of the scan (file or DICOM folder)
 META_NAMES = "medsam_label_names"  # {label id: name} (Labels layers)
 META_COLORS = "medsam_label_colors"  # {label id: (r, g, b) 0-255} (Labels layers)
+META_MODEL = "medsam_model"  # name of the model that made a Labels layer (recorded in a DICOM SEG)
 
 _FILE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 
@@ -58,9 +59,17 @@ def napari_get_reader(path) -> Callable | None:
             return None
         path = path[0]
     path = os.fspath(path)
+    if _is_seg_file(path):
+        return read_seg
     if not _looks_readable(path):
         return None
     return read_scan
+
+
+def _is_seg_file(path: str) -> bool:
+    from ..io.dicom_seg import is_dicom_seg
+
+    return Path(path).is_file() and is_dicom_seg(path)
 
 
 def layer_geometry(view) -> dict[str, Any]:
@@ -119,3 +128,107 @@ def read_scan(path) -> list[tuple]:
         if kwargs["name"] in ("image", "img", "ct", "mri", "t1", "t2"):
             kwargs["name"] = f"{volume.source_path.parent.name}/{kwargs['name']}"
     return [(data, kwargs, kind)]
+
+
+def labels_layer_data(labels_ijk: np.ndarray, volume, axis: str = "axial", *, names=None, colors=None,
+                      name: str = "labels", source=None) -> tuple:
+    """(labels_zyx, kwargs, "labels") for a label volume on `volume`'s grid, in the engine's view frame.
+
+    Names and colours go in `metadata` (META_NAMES, META_COLORS) for the widget and the writer,
+    colours also in the layer's colormap and names in its `features` (shown under the cursor).
+    """
+    from ..io import SliceView
+    from ..io.colors import default_label_color
+
+    view = SliceView(volume, axis=axis)
+    data_zyx = view.to_view(labels_ijk)
+    names = {int(k): str(v) for k, v in (names or {}).items()}
+    colors = {int(k): tuple(int(c) for c in v[:3]) for k, v in (colors or {}).items()}
+    ids = sorted(set(names) | {int(i) for i in np.unique(labels_ijk) if i})
+    for i in ids:
+        names.setdefault(i, f"label {i}")
+        colors.setdefault(i, default_label_color(i))
+    colormap = {None: (0.0, 0.0, 0.0, 0.0), 0: (0.0, 0.0, 0.0, 0.0)}
+    colormap.update({i: (*(c / 255.0 for c in colors[i]), 1.0) for i in ids})
+    kwargs: dict[str, Any] = dict(layer_geometry(view))
+    kwargs.update(
+        name=name,
+        metadata={META_VOLUME: volume, META_AXIS: axis, META_SOURCE: str(source) if source else None,
+                  META_NAMES: names, META_COLORS: colors},
+        colormap=colormap,
+        features={"index": [0, *ids], "name": ["background", *(names[i] for i in ids)]},
+        opacity=0.55,
+    )
+    return data_zyx, kwargs, "labels"
+
+
+def _open_volume_for_series(series_uids: list[str]):
+    """(Volume, axis) of a scan already open in napari whose DICOM series is one of `series_uids`."""
+    try:
+        import napari
+
+        viewer = napari.current_viewer()
+    except Exception:
+        return None
+    if viewer is None:
+        return None
+    for layer in viewer.layers:
+        vol = getattr(layer, "metadata", {}).get(META_VOLUME)
+        header = getattr(vol, "header", None)
+        if isinstance(header, dict) and header.get("series_uid") in series_uids:
+            return vol, layer.metadata.get(META_AXIS, "axial")
+    return None
+
+
+def _find_series_near(seg_path: Path, series_uids: list[str]):
+    """The folder next to a SEG (its own, its parent, their sub-folders) that holds one of `series_uids`."""
+    from ..io import list_dicom_series
+
+    here, up = seg_path.parent, seg_path.parent.parent
+    candidates = [here, *sorted(d for d in here.iterdir() if d.is_dir())]
+    if up != here:
+        candidates += [up, *sorted(d for d in up.iterdir() if d.is_dir() and d != here)]
+    for folder in candidates[:64]:
+        if not _looks_readable(str(folder)):
+            continue
+        try:
+            found = {s["series_uid"] for s in list_dicom_series(folder)}
+        except Exception:
+            continue
+        for uid in series_uids:
+            if uid in found:
+                return folder, uid
+    return None
+
+
+def read_seg(path) -> list[tuple]:
+    """Read a DICOM SEG as a Labels layer on its source series' grid (with the scan, unless it is open).
+
+    The source series is the scan already open in napari with the Series Instance UID the SEG
+    references, or else the series found in the SEG's folder, its parent, or their sub-folders.
+    """
+    from ..io import ImageReadError, read_volume
+    from ..io.dicom_seg import read_dicom_seg, referenced_series_uids
+
+    if isinstance(path, (list, tuple)):
+        path = path[0]
+    p = Path(path)
+    uids = referenced_series_uids(p)
+    layers: list[tuple] = []
+    opened = _open_volume_for_series(uids)
+    if opened is not None:
+        volume, axis = opened
+    else:
+        found = _find_series_near(p, uids)
+        if found is None:
+            raise ImageReadError(
+                f"The DICOM SEG '{p}' was made on DICOM series {', '.join(uids) or '(not stated)'}, which is neither "
+                f"open in napari nor in a folder next to the SEG. Open that series first (File > Open Folder), then "
+                f"open the SEG again."
+            )
+        volume, axis = read_volume(found[0], series_uid=found[1]), "axial"
+        layers.append(image_layer_data(volume, axis))
+    seg = read_dicom_seg(p, volume)
+    layers.append(labels_layer_data(seg.labels_ijk, volume, axis, names=seg.names, colors=seg.colors,
+                                    name=_scan_name(p), source=p))
+    return layers

@@ -46,7 +46,7 @@ from qtpy.QtWidgets import (
 )
 
 from . import _autosave
-from ._reader import META_AXIS, META_COLORS, META_NAMES, META_SOURCE, META_VOLUME, layer_geometry
+from ._reader import META_AXIS, META_COLORS, META_MODEL, META_NAMES, META_SOURCE, META_VOLUME, layer_geometry
 from ..model.defaults import DEFAULT_MODEL
 from ._tasks import Task, start_task
 
@@ -645,6 +645,7 @@ class MedSAMWidget(QWidget):
             self.labels_layer.colormap = DirectLabelColormap(color_dict=colors)
             self.labels_layer.metadata[META_NAMES] = {k: o.name for k, o in objs.items()}
             self.labels_layer.metadata[META_COLORS] = {k: tuple(o.color) for k, o in objs.items()}
+            self.labels_layer.metadata[META_MODEL] = self.model_name()  # a DICOM SEG names the algorithm's model
             if self.current_label is not None:
                 self.labels_layer.selected_label = self.current_label
         self._refresh_review()

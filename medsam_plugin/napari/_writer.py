@@ -9,6 +9,10 @@ A Labels layer without that metadata (for example one made with napari's "new la
 is written on its own grid: its napari transform is read as the axial display frame used by the
 reader (superior, posterior, left in mm), which is exact for layers drawn over a scan opened
 with this plugin.
+
+A `.dcm` file name writes a DICOM SEG (`io.dicom_seg.write_dicom_seg`): the layer must carry a
+source `Volume` read from a DICOM series; the model named in `metadata[META_MODEL]`, when set,
+goes into the SEG's algorithm identification.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from ._reader import META_AXIS, META_COLORS, META_NAMES, META_VOLUME
+from ._reader import META_AXIS, META_COLORS, META_MODEL, META_NAMES, META_VOLUME
 
-LABEL_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
+# ".dcm" writes a DICOM SEG that references the layer's source DICOM series.
+LABEL_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".dcm")
 
 
 def _with_extension(path: str) -> str:
@@ -88,6 +93,17 @@ def write_labels(path: str, data: Any, meta: dict) -> list[str]:
     for i in ids:
         names.setdefault(i, f"label {i}")
         colors.setdefault(i, default_label_color(i))
+    if path.lower().endswith(".dcm"):
+        from ..io.dicom_seg import DicomSegWriteError, write_dicom_seg
+
+        if md.get(META_VOLUME) is None:
+            raise DicomSegWriteError(
+                f"Cannot save '{path}' as a DICOM SEG: this Labels layer is not linked to a DICOM series (it was "
+                f"not made over a scan opened with this plugin). Open the DICOM series folder, segment over it, and "
+                f"save again; or save as .nii.gz."
+            )
+        return [str(write_dicom_seg(path, labels_ijk, reference, names=names, colors=colors,
+                                    model_name=md.get(META_MODEL)))]
     written = write_label_map(path, labels_ijk, reference, names=names, colors=colors)
     from ..io import sidecar_paths
 
