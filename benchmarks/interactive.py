@@ -164,6 +164,8 @@ def main(argv=None) -> int:
     parser.add_argument("--all-labels", action="store_true", help="every label of the training cases too")
     parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "medsam_plugin_bench_cache"))
     parser.add_argument("--json", default=None)
+    parser.add_argument("--merge", default=None,
+                        help="rows of an earlier run's --json to print beside these (e.g. stock measured before)")
     args = parser.parse_args(argv)
     if not SHARED.is_dir():
         print(f"skipped: {SHARED} is absent (the team's shared labelled volumes).")
@@ -176,7 +178,7 @@ def main(argv=None) -> int:
     models = [m for m in args.models.split(",") if m]
     modes = [m for m in args.modes.split(",") if m]
     print(f"machine: {cpu_model_name()}; models {', '.join(models)}; clicks {args.clicks}")
-    rows: list[dict] = []
+    rows: list[dict] = json.loads(Path(args.merge).read_text())["rows"] if args.merge else []
     for name in models:
         loaded = load_model(name, device="auto")
         for case in cases:
@@ -186,13 +188,16 @@ def main(argv=None) -> int:
     train_rows = [r for r in rows if r["case"] in train]
     print_table(val_rows, "Validation cases (never trained on)", args.clicks)
     print_table(train_rows, "Training cases (the shipped model saw these)", args.clicks)
-    checks = targets(val_rows, models[0], models[-1]) if len(models) > 1 else []
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    checks = targets(val_rows, names[0], names[-1]) if len(names) > 1 else []
     if checks:
         print("\n## Targets (validation cases)\n")
         for what, measured, met in checks:
             print(f"- [{'x' if met else ' '}] {what}: {measured}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "targets": checks}, indent=1, default=float))
+        from medsam_plugin.io.atomic import atomic_write_json
+
+        atomic_write_json(args.json, {"rows": rows, "targets": checks})
         print(f"wrote {args.json}")
     return 0
 

@@ -15,8 +15,8 @@ encoder and mask decoder train on embeddings computed once per (augmented) slice
    object ends: its neighbour holds it, the slice does not (an empty target: the model learns to
    answer "nothing here" to a dense prompt past the object's end).
 3. **Episodes.** A step draws one start for its batch (see `STARTS`): the expert's jittered box;
-   one foreground click (multimask output, the loss on the best candidate, as SAM trains the
-   ambiguous one-click case); the neighbour's mask as a dense prompt, alone or with the box
+   one foreground click (single output by default; `click_multimask` trains SAM's three candidates
+   with the loss on the best one instead); the neighbour's mask as a dense prompt, alone or with the box
    propagation gives. Then up to `max_rounds` corrective rounds, each adding a click at the centre
    of the largest error region of the previous round's mask and feeding that round's low-res
    logits back as the dense prompt. Loss on every round: DiceCE + MSE of the IoU head.
@@ -80,6 +80,7 @@ class InteractiveConfig:
     batch_size: int = 8
     lr: float = 1e-4
     prompt_encoder_lr_scale: float = 10.0  # see InteractiveTrainer.setup
+    click_multimask: bool = False        # SAM's three candidates for a lone click (see run_episode)
     weight_decay: float = 1e-2
     warmup_steps: int = 20
     max_rounds: int = 6
@@ -468,7 +469,10 @@ class InteractiveTrainer:
         boxes = None if ep.boxes is None else ep.boxes.to(self.device)
         losses, dices = [], []
         for r in range(rounds + 1):
-            multimask = start == "click" and r == 0
+            # One output for every prompt, a lone click included: LiteMedSAM's three multimask
+            # outputs were never trained by MedSAM and their hypernetworks had decayed to a sixth
+            # of the single output's weight norm (all three answered ~0 logits to a click).
+            multimask = cfg.click_multimask and start == "click" and r == 0
             pts = episode_points(ep)
             if pts is not None:
                 pts = (pts[0].to(self.device), pts[1].to(self.device))
