@@ -56,6 +56,7 @@ class ObjectScore:
     dsc_auc: float = 0.0
     nsd_auc: float = 0.0
     span: dict = field(default_factory=dict)
+    confidence: dict = field(default_factory=dict)  # slice -> confidence of the first propagation (seeds 1.0)
     stopped: dict = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -172,6 +173,7 @@ def simulate_object(session, truth_zyx: np.ndarray, label_id: int, name: str = "
         slices_truth=int((areas > 0).sum()), clicks=len(rounds) - 1, protocol=protocol, seed_slice=z0,
         seed_dice=seed_dice, dice_per_round=rounds, nsd_per_round=nsd_rounds,
         dsc_auc=area_under_rounds(rounds), nsd_auc=area_under_rounds(nsd_rounds), span=_span(own, truth_zyx),
+        confidence={int(z): round(float(c), 4) for z, c in sorted(getattr(result, "confidence", {}).items())},
         stopped=dict(result.stopped), seconds=time.perf_counter() - start)
 
 
