@@ -72,9 +72,9 @@ def machine() -> dict:
         "cuda": torch.cuda.is_available(),
     }
     if openvino_available():
-        import openvino
+        from medsam_plugin.model.fast import import_openvino
 
-        info["openvino"] = openvino.__version__
+        info["openvino"] = import_openvino().__version__  # never a bare `import openvino`: telemetry
     say("== machine")
     for k, v in info.items():
         say(f"  {k}: {v}")

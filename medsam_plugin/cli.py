@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import logging
+import pickle
 import sys
 from pathlib import Path
 
@@ -92,6 +94,118 @@ def _check_output_folder(out: Path) -> None:
         raise ValueError(f"Cannot write {out}: no permission to write in {folder}. Choose another --out.")
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """True when two paths name one file (also through links, `..` or a hard link)."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
+def _is_a_slice_of(out: Path, folder: Path) -> bool:
+    """True when `out` is an existing DICOM image file inside the input DICOM folder (overwriting it
+    would destroy a slice of the scan; an earlier DICOM SEG there may be replaced)."""
+    if not (folder.is_dir() and out.is_file()):
+        return False
+    try:
+        Path(os.path.realpath(out)).relative_to(os.path.realpath(folder))
+        with open(out, "rb") as fh:
+            is_dicom = fh.read(132)[128:132] == b"DICM"
+    except (ValueError, OSError):
+        return False
+    from .io.dicom_seg import is_dicom_seg
+
+    return is_dicom and not is_dicom_seg(out)
+
+
+def _check_not_an_input(outputs: dict, inputs: dict) -> None:
+    """Refuse an output that would overwrite an input (the scan, the prompts, a reference...)."""
+    for out_what, out in outputs.items():
+        for in_what, src in inputs.items():
+            if src is None:
+                continue
+            if _same_file(out, src) or _is_a_slice_of(out, src):
+                relation = "the same file as" if _same_file(out, src) else "a slice (the same file as a part) of"
+                raise ValueError(f"{out_what} {out} is {relation} the {in_what} {src}: writing there would "
+                                 f"destroy it. Choose another output path. Nothing was written.")
+
+
+def _check_new_file(what: str, path: Path) -> None:
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; give a file name inside it. Nothing was written.")
+    _check_output_folder(path)
+
+
+def _check_segment_args(args) -> dict:
+    """Validate every argument and output path of `segment` before any reading or model work.
+    Returns {what: path} of the outputs."""
+    from .engine.propagation import PROMPT_MODES
+    from .engine.preprocessing import parse_window
+    from .io.dicom_seg import is_dicom_seg_path
+    from .io.writers import MAX_FILE_NAME_BYTES, _label_format, sidecar_paths
+
+    if args.mode is not None and args.mode not in PROMPT_MODES:
+        raise ValueError(f"--mode {args.mode!r} is not a propagation mode; use one of {', '.join(PROMPT_MODES)}.")
+    if args.window is not None:
+        parse_window(args.window)
+    if args.min_iou is not None and not 0.0 <= args.min_iou <= 1.0:
+        raise ValueError(f"--min-iou {args.min_iou} must be a number from 0 to 1.")
+    prompts = Path(args.prompts)
+    if not prompts.exists():
+        raise ValueError(f"The prompts file {prompts} does not exist. Check the path.")
+    if not prompts.is_file():
+        raise ValueError(f"The prompts path {prompts} is a folder, not a JSON file. Point to the prompts .json file.")
+    if args.reference and not Path(args.reference).exists():
+        raise ValueError(f"The reference label map {args.reference} does not exist. Check the path.")
+    out = Path(args.out)
+    outputs = {"--out": out}
+    if not is_dicom_seg_path(out):
+        for key, side in sidecar_paths(out).items():
+            outputs[f"the --out {key} sidecar"] = side
+    if args.dicom_seg:
+        outputs["--dicom-seg"] = Path(args.dicom_seg)
+    if args.png:
+        outputs["--png"] = Path(args.png)
+    inputs = {"input image": Path(args.image), "prompts file": prompts,
+              "reference label map": Path(args.reference) if args.reference else None,
+              "model file": Path(args.model) if Path(args.model).is_file() else None}
+    _check_not_an_input(outputs, inputs)  # first: the one mistake that would destroy data
+    if not is_dicom_seg_path(out):
+        _label_format(out)  # raises for an unknown extension
+    if args.png and Path(args.png).suffix.lower() != ".png":
+        raise ValueError(f"--png {args.png}: the overlay file name must end in .png.")
+    for what, path in outputs.items():
+        if len(path.name.encode("utf-8", "surrogateescape")) > MAX_FILE_NAME_BYTES:
+            raise ValueError(f"{what} {path}: the file name is longer than {MAX_FILE_NAME_BYTES} bytes; choose a "
+                             f"shorter one.")
+        _check_new_file(what, path)
+    if args.per_object_dir:
+        folder = Path(args.per_object_dir)
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"--per-object-dir {folder} is a file, not a folder. Choose a folder (it is created "
+                             f"when missing). Nothing was written.")
+        if not folder.exists():
+            _check_output_folder(folder)
+        outputs["--per-object-dir"] = folder
+    paths = list(outputs.values())
+    for i, a in enumerate(paths):
+        for b in paths[i + 1:]:
+            if _same_file(a, b):
+                raise ValueError(f"Two outputs are the same file, {a}: give each output its own path.")
+    return outputs
+
+
+def _warn_if_constant(volume) -> None:
+    import numpy as np
+
+    data = volume.data_ijk
+    if data.size and np.min(data) == np.max(data):
+        print(f"warning: every voxel of {volume.source_path} has the value {np.min(data).item()!r}: the image "
+              f"holds nothing to segment, and the result will not mean anything. Check the file.", file=sys.stderr)
+
+
 def _dicom_seg_plan(args, volume) -> tuple[list, dict]:
     """The DICOM SEG files asked for (--out *.dcm, --dicom-seg) and their --seg-type codes, checked."""
     from .io.dicom_seg import check_dicom_seg_source, is_dicom_seg_path, parse_property
@@ -120,20 +234,31 @@ def _model_label(session) -> str:
 
 
 def _save_outputs(session, out: Path, seg_paths: list, seg_properties: dict, per_object_dir) -> list:
-    """Write the label map (or DICOM SEG) at --out, any --dicom-seg, and the per-object files."""
+    """Write the label map (or DICOM SEG) at --out, any --dicom-seg, and the per-object files.
+
+    The label map, its sidecars and the per-object files are one unit (`write_planned`: all
+    temporary, fsynced, then renamed); a DICOM SEG follows. A failure names what was written.
+    """
+    from .io import LabelWriteError
     from .io.dicom_seg import is_dicom_seg_path, write_dicom_seg
-    from .io.writers import write_label_maps_per_object
+    from .io.writers import plan_label_map, plan_label_maps_per_object, write_planned
 
     names = session.labels.names()
     colors = {k: o.color for k, o in session.labels.objects.items()}
     labels_ijk = session.labels_ijk()
-    written = [] if is_dicom_seg_path(out) else [session.save(out)[0]]
-    for path in seg_paths:
-        written.append(write_dicom_seg(path, labels_ijk, session.volume, names=names, colors=colors,
-                                       properties=seg_properties, model_name=_model_label(session)))
+    items = [] if is_dicom_seg_path(out) else plan_label_map(out, labels_ijk, session.volume, names, colors)
     if per_object_dir is not None:
-        written += list(write_label_maps_per_object(per_object_dir, labels_ijk, session.volume,
-                                                    names=names, colors=colors).values())
+        for planned in plan_label_maps_per_object(per_object_dir, labels_ijk, session.volume, names=names,
+                                                  colors=colors).values():
+            items += planned
+    written = write_planned(items) if items else []
+    for path in seg_paths:
+        try:
+            written.append(write_dicom_seg(path, labels_ijk, session.volume, names=names, colors=colors,
+                                           properties=seg_properties, model_name=_model_label(session)))
+        except LabelWriteError as exc:
+            done = ", ".join(str(p) for p in written) or "nothing"
+            raise LabelWriteError(f"{exc} (Already written: {done}.)") from exc
     return written
 
 
@@ -143,7 +268,14 @@ def cmd_segment(args) -> int:
     from .engine.session import SegmentationSession
     from .io import read_labels, read_volume
 
+    outputs = _check_segment_args(args)  # every argument and output path, before reading anything
+    from .io.atomic import recover_interrupted_sets
+
+    for folder in {p.parent for p in outputs.values()}:
+        for path in recover_interrupted_sets(folder):  # an earlier run killed between its renames
+            print(f"completed {path}, which an interrupted earlier run had left half-renamed", file=sys.stderr)
     volume = read_volume(args.image, series_uid=args.series_uid)
+    _warn_if_constant(volume)
     seg_paths, seg_properties = _dicom_seg_plan(args, volume)  # fails here, before any model work
     session = SegmentationSession(volume, model=args.model, device=args.device, axis=args.axis,
                                   window=args.window, cache_dir=args.cache_dir)
@@ -154,6 +286,7 @@ def cmd_segment(args) -> int:
     out = Path(args.out)
     for p in (out, *seg_paths):
         _check_output_folder(p)
+    truth = read_labels(args.reference, volume) if args.reference else None  # a misfit fails before the model
     predictor = session.predictor  # load the model before the progress bars start
     logging.getLogger(__name__).info("model %s on %s", predictor.spec.name, predictor.device)
     for obj in objects:
@@ -173,6 +306,10 @@ def cmd_segment(args) -> int:
             print(f"{obj.name} (label {obj.label_id}): slices {min(result.slices)}-{max(result.slices)} "
                   f"({len(result.slices)} slices); stopped: "
                   + "; ".join(f"{k}: {v}" for k, v in result.stopped.items()), file=sys.stderr)
+            unsure = sorted((c, z) for z, c in getattr(result, "confidence", {}).items() if c < 0.5)[:5]
+            if unsure:  # where a reviewer should look first
+                print(f"  least sure slices (confidence < 0.5): "
+                      + ", ".join(f"{z} ({c:.2f})" for c, z in unsure), file=sys.stderr)
     written = _save_outputs(session, out, seg_paths, seg_properties, args.per_object_dir)
     for path in written:
         print(f"wrote {path}")
@@ -185,7 +322,6 @@ def cmd_segment(args) -> int:
     if args.reference:
         from .evaluation.metrics import dice
 
-        truth = read_labels(args.reference, volume)
         labels_ijk = session.labels_ijk()
         for obj in objects:
             print(f"Dice {obj.name} (label {obj.label_id}) vs reference: "
@@ -218,8 +354,28 @@ def cmd_evaluate(args) -> int:
     from .evaluation.run import datalist_cases, evaluate_case
     from .model.registry import load_model
 
-    labels = [int(v) for v in args.labels.split(",")] if args.labels else None
+    from .engine.preprocessing import parse_window
+    from .engine.propagation import PROMPT_MODES
+
+    try:
+        labels = [int(v) for v in args.labels.split(",")] if args.labels else None
+    except ValueError:
+        raise ValueError(f"--labels {args.labels!r}: give label values as integers separated by commas, "
+                         f"e.g. --labels 1,2.") from None
+    if args.mode is not None and args.mode not in PROMPT_MODES:
+        raise ValueError(f"--mode {args.mode!r} is not a propagation mode; use one of {', '.join(PROMPT_MODES)}.")
+    if args.window is not None:
+        parse_window(args.window)
+    if args.clicks < 0:
+        raise ValueError(f"--clicks {args.clicks} must be 0 or more.")
+    if args.json:  # checked before the model runs, not after
+        if not Path(args.json).name.lower().endswith(".json"):
+            raise ValueError(f"--json {args.json}: the report file name must end in .json.")
+        _check_new_file("--json", Path(args.json))
+        _check_not_an_input({"--json": Path(args.json)},
+                            {"input": Path(args.image), "label map": Path(args.label) if args.label else None})
     if args.image.endswith(".json"):
+        check_datalist(args.image)
         cases = datalist_cases(args.image, args.data_root)
     else:
         if not args.label:
@@ -234,14 +390,64 @@ def cmd_evaluate(args) -> int:
         _print_table(report)
         reports.append(report)
     out = reports[0] if len(reports) == 1 else {
-        "cases": reports, "mean_dice": sum(r["mean_dice"] for r in reports) / len(reports),
-        "mean_dice_own": sum(r["mean_dice_own"] for r in reports) / len(reports)}
+        "cases": reports, "mean_dice": _mean_of_cases(reports, "mean_dice"),
+        "mean_dice_own": _mean_of_cases(reports, "mean_dice_own", quiet=True)}
     if args.json:
         from .io.atomic import atomic_write_json
 
         atomic_write_json(args.json, out)  # strict JSON: a NaN score is written as null
         print(f"wrote {args.json}")
     return 0
+
+
+def _mean_of_cases(reports: list, key: str, quiet: bool = False):
+    """The mean over the cases that have a score: a case without one (an empty label map gives no
+    Dice) is left out, with a message, instead of turning the mean into NaN."""
+    import math
+
+    values = []
+    for r in reports:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            values.append(float(v))
+        elif not quiet:
+            print(f"note: {r.get('label') or r.get('image')} has no score (no labelled object to compare), so it "
+                  f"is left out of the mean.", file=sys.stderr)
+    return sum(values) / len(values) if values else None
+
+
+def check_datalist(path, what: str = "datalist") -> None:
+    """A Decathlon dataset.json that MONAI can read: a JSON object whose "training", "validation" and
+    "test" entries are lists of {"image": path, "label": path} (test: paths or objects with "image").
+    Checked here, with a sentence, instead of failing deep inside MONAI with a TypeError."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"The {what} {path} is a folder; point to its dataset.json file.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"The {what} {path} does not exist. Check the path.") from None
+    except (ValueError, RecursionError, OSError) as exc:
+        raise ValueError(f"The {what} {path} is not a readable JSON file ({type(exc).__name__}). Fix it; see "
+                         f"MONAI's Decathlon dataset.json format.") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"The {what} {path} must hold a JSON object with a \"training\" list of "
+                         f"{{\"image\": ..., \"label\": ...}} cases.")
+    for key in ("training", "validation", "test"):
+        if key not in data:
+            continue
+        cases = data[key]
+        if not isinstance(cases, list):
+            raise ValueError(f"The {what} {path}: \"{key}\" must be a list of cases like "
+                             f"{{\"image\": \"imagesTr/a.nii.gz\", \"label\": \"labelsTr/a.nii.gz\"}}; got "
+                             f"{json.dumps(cases)[:40]}.")
+        for i, case in enumerate(cases):
+            if key == "test" and isinstance(case, str):
+                continue
+            needed = ("image",) if key == "test" else ("image", "label")
+            if not isinstance(case, dict) or not all(isinstance(case.get(k), str) and case.get(k) for k in needed):
+                raise ValueError(f"The {what} {path}: \"{key}\" case {i + 1} must be an object with "
+                                 f"{' and '.join(repr(k) for k in needed)} paths; got {json.dumps(case)[:60]}.")
 
 
 def cmd_models(args) -> int:
@@ -274,6 +480,10 @@ def main(argv=None) -> int:
 
         handlers["finetune"] = cmd_finetune
     try:
+        if args.command == "finetune":
+            check_datalist(args.datalist)
+            if getattr(args, "validation_datalist", None):
+                check_datalist(args.validation_datalist, "validation datalist")
         return handlers[args.command](args)
     except KeyboardInterrupt:
         print("cancelled: nothing was written.", file=sys.stderr)
@@ -281,6 +491,15 @@ def main(argv=None) -> int:
     except _user_errors() as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except pickle.UnpicklingError:
+        # torch.load(weights_only=True) refused a file (only a resume state is loaded outside
+        # model.checkpoints.load_file, which words this itself): it was never executed.
+        which = (f" (the resume state {args.out}.resume.pt)" if args.command == "finetune"
+                 and getattr(args, "resume", False) else "")
+        print(f"error: a PyTorch file{which} holds Python objects other than tensors, or is damaged, so it was "
+              f"not loaded (loading it could run arbitrary code). Delete it, or replace it with one from a "
+              f"trusted run.", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

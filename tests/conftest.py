@@ -13,9 +13,15 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
+
+# OpenVINO reports usage to Intel from `import openvino` on; hide its telemetry package before any
+# test (or plugin) could import openvino, as medsam_plugin.model.fast.import_openvino does.
+if "openvino" not in sys.modules:
+    sys.modules.setdefault("openvino_telemetry", None)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = REPO_ROOT / "sample_data"

@@ -163,12 +163,56 @@ def test_openvino_is_imported_without_its_usage_telemetry():
     import subprocess
     import sys
 
-    pytest.importorskip("openvino", reason="OpenVINO is optional (the `fast` extra)")
+    _require_openvino()
     code = ("import sys; from medsam_plugin.model.fast import import_openvino; import_openvino(); "
             "import openvino.tools.ovc.telemetry_utils as t, openvino.tools.ovc.convert_impl as c; "
             "print(t.tm.__name__, c.tm.__name__, sys.modules.get('openvino_telemetry'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["openvino.tools.ovc.telemetry_stub", "openvino.tools.ovc.telemetry_stub", "None"]
+
+
+def test_openvino_imported_first_still_sends_nothing_through_this_tool():
+    """A user's `import openvino` before medsam_plugin: the converter is pointed at the stub and the
+    telemetry object's consent is off, so nothing medsam_plugin does afterwards reports anything."""
+    import subprocess
+    import sys
+
+    _require_openvino()
+    code = ("import openvino, openvino_telemetry; from medsam_plugin.model.fast import import_openvino; "
+            "import_openvino(); import openvino.tools.ovc.telemetry_utils as t, openvino.tools.ovc.convert_impl as c; "
+            "print(t.tm.__name__, c.tm.__name__, openvino_telemetry.Telemetry().consent)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["openvino.tools.ovc.telemetry_stub", "openvino.tools.ovc.telemetry_stub", "False"]
+
+
+def test_a_damaged_cached_openvino_model_is_removed_and_not_used(tmp_path, caplog):
+    """The IR cache checks itself: files that differ from the checksums recorded at conversion (here
+    a zeroed block of weights, which OpenVINO would still load) are removed, so the model is converted
+    again instead of serving wrong embeddings."""
+    from medsam_plugin.io.atomic import atomic_write_json
+
+    xml = tmp_path / "openvino" / "tiny_vit_0123456789abcdef.xml"
+    xml.parent.mkdir()
+    xml.write_text("<net/>")
+    xml.with_suffix(".bin").write_bytes(bytes(range(256)) * 64)
+    atomic_write_json(fast._ir_sums_path(xml), fast._ir_checksums(xml))
+    assert fast._ir_intact(xml)
+    data = bytearray(xml.with_suffix(".bin").read_bytes())
+    data[1024:2048] = bytes(1024)
+    xml.with_suffix(".bin").write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="medsam_plugin.model.fast"):
+        assert not fast._ir_intact(xml)
+    assert "damaged" in caplog.text and not list(xml.parent.iterdir())
+    xml.write_text("<net/>")  # an IR without recorded checksums (planted, or from an older version)
+    xml.with_suffix(".bin").write_bytes(b"x")
+    assert not fast._ir_intact(xml) and not xml.exists()
+
+
+def _require_openvino() -> None:
+    """Skip without OpenVINO; never `pytest.importorskip("openvino")`, whose plain import in the test
+    process would switch OpenVINO's usage telemetry on before medsam_plugin can hide it."""
+    if not fast.openvino_available():
+        pytest.skip("OpenVINO is optional (the `fast` extra)")
 
 
 def test_the_openvino_body_is_the_encoder_in_another_layout(lite_medsam):
@@ -185,7 +229,7 @@ def test_the_openvino_body_is_the_encoder_in_another_layout(lite_medsam):
 
 
 def test_openvino_f32_path_gives_the_fp32_embedding_and_mask(lite_medsam, spleen_slice, tmp_path):
-    pytest.importorskip("openvino", reason="OpenVINO is optional (the `fast` extra)")
+    _require_openvino()
     path = fast.build_path(lite_medsam, "openvino-f32", cache_dir=tmp_path)
     assert path.converted and list(tmp_path.glob("openvino/*.xml"))
     x = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(2))

@@ -3,11 +3,17 @@
 Embeddings are kept in float16 (256x64x64 = 2 MiB a slice instead of 4); the decoder gets them
 back as float32. The disk layer is keyed by a signature of the slice data, the model and the
 preprocessing, so a re-opened scan reuses earlier work and a changed window never does.
+
+A disk entry (`<signature>.emb`) checks itself: an 8-byte magic, the sha1 of the payload, then the
+float16 payload. An entry of the wrong size, with a wrong digest or with non-finite values (a
+truncated copy, a zeroed or random block, a planted file) is removed and the slice is encoded
+again, once; it is never used and never fatal.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -17,7 +23,32 @@ import numpy as np
 
 from ..io.atomic import atomic_write
 
+EMBEDDING_SHAPE = (256, 64, 64)
 EMBEDDING_BYTES_FP16 = 256 * 64 * 64 * 2
+_MAGIC = b"MSEMB\x01\x00\x00"  # format 1: magic, sha1(payload) (20 bytes), float16 payload
+_DIGEST_BYTES = 20
+ENTRY_BYTES = len(_MAGIC) + _DIGEST_BYTES + EMBEDDING_BYTES_FP16
+log = logging.getLogger(__name__)
+
+
+def encode_entry(value: np.ndarray) -> bytes:
+    """The bytes of a disk entry for one (256, 64, 64) embedding."""
+    payload = np.ascontiguousarray(value, dtype="<f2").reshape(EMBEDDING_SHAPE).tobytes()
+    return _MAGIC + hashlib.sha1(payload).digest() + payload
+
+
+def decode_entry(data: bytes) -> np.ndarray | None:
+    """The embedding of a disk entry, or None when the entry is damaged in any way."""
+    if len(data) != ENTRY_BYTES or not data.startswith(_MAGIC):
+        return None
+    digest = data[len(_MAGIC):len(_MAGIC) + _DIGEST_BYTES]
+    payload = data[len(_MAGIC) + _DIGEST_BYTES:]
+    if hashlib.sha1(payload).digest() != digest:
+        return None
+    value = np.frombuffer(payload, dtype="<f2").reshape(EMBEDDING_SHAPE).astype(np.float16)
+    if not np.all(np.isfinite(value)):
+        return None
+    return value
 
 
 def slice_signature(slice_u8: np.ndarray, model_key: str) -> str:
@@ -45,6 +76,7 @@ class EmbeddingCache:
         self.hits = 0
         self.misses = 0
         self.disk_hits = 0
+        self.disk_repaired = 0  # damaged disk entries removed (and so recomputed)
 
     def reset(self, signatures: dict[int, str] | None = None) -> None:
         """Forget the in-memory entries (a new volume); `signatures` name each slice on disk."""
@@ -73,13 +105,20 @@ class EmbeddingCache:
             path = self._disk_path(z)
         if path is not None and path.exists():
             try:
-                value = np.load(path, allow_pickle=False)
-            except (OSError, ValueError):
-                value = None  # a damaged cache file is recomputed, never trusted
-            if value is not None and value.shape == (256, 64, 64):
+                value = decode_entry(path.read_bytes())
+            except OSError:
+                value = None
+            if value is not None:
                 self.disk_hits += 1
                 self._remember(z, value)
                 return value
+            # Damaged: remove it so that `put` writes a good one and later runs don't meet it again.
+            log.warning("embedding cache entry %s is damaged; removed, the slice is encoded again", path)
+            self.disk_repaired += 1
+            try:
+                path.unlink()
+            except OSError:
+                pass
         self.misses += 1
         return None
 
@@ -101,16 +140,17 @@ class EmbeddingCache:
     def _disk_path(self, z: int) -> Path | None:
         if self.disk_dir is None or z not in self._signatures:
             return None
-        return self.disk_dir / f"{self._signatures[z]}.npy"
+        return self.disk_dir / f"{self._signatures[z]}.emb"
 
 
 def _atomic_save_npy(path: Path, value: np.ndarray) -> None:
+    data = encode_entry(value)
+
     def write(tmp: Path) -> None:
-        with open(tmp, "wb") as handle:  # a file object: np.save would add ".npy" to a name
-            np.save(handle, value)
+        tmp.write_bytes(data)
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, write, suffix=".tmp")
+        atomic_write(path, write, suffix=".tmp", durable=False)  # an entry checks itself on reading
     except OSError:
         pass  # a full or read-only cache disk only costs speed, never the result

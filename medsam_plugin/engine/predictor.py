@@ -211,13 +211,19 @@ class SlicePredictor:
         boxes = None
         if box_xyxy is not None:
             box = np.asarray(box_xyxy, dtype=np.float32).reshape(4)
+            if not np.all(np.isfinite(box)):
+                raise ValueError(f"A box has a corner that is not a finite number ({box.tolist()}); give finite "
+                                 f"pixel coordinates.")
             if box[2] < box[0] or box[3] < box[1]:
                 raise ValueError(f"A box needs x0 <= x1 and y0 <= y1; got {box.tolist()}.")
             self._check_inside(np.array([[box[1], box[0]], [box[3], box[2]]]), geom, "box corner")
             boxes = torch.as_tensor(geom.box_to_model(box))[None].to(self.device)
         masks = None
         if mask_logits_256 is not None:
-            masks = torch.as_tensor(np.asarray(mask_logits_256, dtype=np.float32)).reshape(1, 1, 256, 256).to(self.device)
+            mask_logits = np.asarray(mask_logits_256, dtype=np.float32)
+            if not np.all(np.isfinite(mask_logits)):
+                raise ValueError("The mask prompt holds values that are not finite numbers; give finite logits.")
+            masks = torch.as_tensor(mask_logits).reshape(1, 1, 256, 256).to(self.device)
         if points is None and boxes is None and masks is None:
             raise ValueError("A prediction needs at least one prompt: points, a box, or a mask.")
 
@@ -281,6 +287,9 @@ class SlicePredictor:
     @staticmethod
     def _check_inside(points_yx: np.ndarray, geom: SliceGeometry, what: str) -> None:
         pts = np.asarray(points_yx, dtype=np.float64)
+        if not np.all(np.isfinite(pts)):  # NaN compares False with every bound: it would pass the test below
+            raise ValueError(f"A {what} has a coordinate that is not a finite number ({pts.tolist()}); "
+                             f"give finite pixel coordinates.")
         bad = (pts[:, 0] < -0.5) | (pts[:, 0] > geom.height - 0.5) | (pts[:, 1] < -0.5) | (pts[:, 1] > geom.width - 0.5)
         if np.any(bad):
             p = pts[np.argmax(bad)]

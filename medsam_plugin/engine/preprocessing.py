@@ -63,6 +63,11 @@ def parse_window(window: WindowSpec) -> tuple[float, float] | str | None:
 
 
 def _checked_window(level: float, width: float) -> tuple[float, float]:
+    import math
+
+    if not (math.isfinite(level) and math.isfinite(width)):  # inf/NaN would scale every voxel to one value
+        raise ValueError(f"A window's level and width must be finite numbers; got level {level}, width {width}. "
+                         f"Use e.g. --window 40,400.")
     if not width > 0:
         raise ValueError(f"A window width must be positive; got level {level}, width {width}.")
     return level, width

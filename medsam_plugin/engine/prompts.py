@@ -50,12 +50,20 @@ class ObjectPrompts:
 
 def load_prompts(path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise PromptError(f"Prompts path {path} is a folder, not a JSON file. Point to the prompts .json file.")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise PromptError(f"Prompts file {path} does not exist.") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PromptError(f"Prompts file {path} is not valid JSON ({exc}). See the README for the format.") from None
+    except RecursionError:
+        raise PromptError(f"Prompts file {path} is nested too deeply to be a prompts file. See the README for "
+                          f"the format.") from None
+    except OSError as exc:
+        raise PromptError(f"Prompts file {path} cannot be read ({exc.strerror or exc}). Check the path and its "
+                          f"permissions.") from None
     if not isinstance(data, dict):
         raise PromptError(f"Prompts file {path} must hold a JSON object with an 'objects' list.")
     return data
@@ -78,7 +86,7 @@ def parse_prompts(data: dict, view, source: str = "prompts") -> list[ObjectPromp
             raise PromptError(f"{where} must be a JSON object.")
         try:
             label_id = int(obj.get("id", index + 1))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise PromptError(f"{where}: 'id' must be an integer label value.") from None
         if not 1 <= label_id <= 65535 or label_id in seen:
             raise PromptError(f"{where}: label id {label_id} is out of range 1..65535 or used twice.")
@@ -86,8 +94,13 @@ def parse_prompts(data: dict, view, source: str = "prompts") -> list[ObjectPromp
         name = str(obj.get("name", f"object {label_id}"))
         where = f"{source}: object {label_id} ({name})"
         slices: dict[int, SlicePrompt] = {}
-        for b, box in enumerate(obj.get("boxes", []) or []):
-            corners = np.asarray(box.get("corners") if isinstance(box, dict) else box, dtype=np.float64)
+        boxes, points = obj.get("boxes", []) or [], obj.get("points", []) or []
+        for key, value in (("boxes", boxes), ("points", points)):
+            if not isinstance(value, list):
+                raise PromptError(f"{where}: '{key}' must be a list (e.g. \"{key}\": [...]); got {value!r:.40}.")
+        for b, box in enumerate(boxes):
+            corners = _numbers(box.get("corners") if isinstance(box, dict) else box, f"{where}, box {b + 1}",
+                               "two corners of 3 coordinates each, e.g. [[10, 20, 5], [40, 60, 5]]")
             if corners.shape != (2, 3):
                 raise PromptError(f"{where}, box {b + 1}: give two corners of 3 coordinates each.")
             zyx = _to_view(corners, frame, view, shape, f"{where}, box {b + 1}")
@@ -100,13 +113,15 @@ def parse_prompts(data: dict, view, source: str = "prompts") -> list[ObjectPromp
                 raise PromptError(f"{where}: two boxes on slice {z0}; give one box per slice.")
             (r0, r1), (c0, c1) = sorted(zyx[:, 1]), sorted(zyx[:, 2])
             sp.box_xyxy = np.array([c0, r0, c1, r1], dtype=np.float32)
-        for p, point in enumerate(obj.get("points", []) or []):
+        for p, point in enumerate(points):
             if isinstance(point, dict):
                 position, label = point.get("position"), point.get("label", 1)
-            else:
+            elif isinstance(point, list):
                 position, label = point[:3], (point[3] if len(point) > 3 else 1)
-            position = np.asarray(position, dtype=np.float64).reshape(-1)
-            if position.shape != (3,) or int(label) not in (0, 1):
+            else:
+                raise PromptError(f"{where}, point {p + 1}: write a point as {{\"position\": [i, j, k], \"label\": 1}}.")
+            position = _numbers(position, f"{where}, point {p + 1}", "a position of 3 coordinates").reshape(-1)
+            if position.shape != (3,) or label not in (0, 1) or isinstance(label, bool):
                 raise PromptError(f"{where}, point {p + 1}: needs a 3-value position and label 1 (fg) or 0 (bg).")
             zyx = _to_view(position[None], frame, view, shape, f"{where}, point {p + 1}")[0]
             z = int(round(zyx[0]))
@@ -123,6 +138,20 @@ def parse_prompts(data: dict, view, source: str = "prompts") -> list[ObjectPromp
             raise PromptError(f"{where}: direction must be both, up, down or none.")
         result.append(ObjectPrompts(label_id, name, slices, direction))
     return result
+
+
+def _numbers(value, where: str, what: str) -> np.ndarray:
+    """A JSON value as a float64 array of finite numbers, or a PromptError saying what was wrong."""
+    try:
+        if isinstance(value, (str, bytes, dict)) or value is None:
+            raise TypeError
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        raise PromptError(f"{where}: needs {what}; got {json.dumps(value)[:60]}.") from None
+    if not np.all(np.isfinite(array)):
+        raise PromptError(f"{where}: the coordinates must be finite numbers; got {np.asarray(array).tolist()} "
+                          f"(NaN, Infinity or a number too large). Fix the prompts file.")
+    return array
 
 
 def _to_view(coords: np.ndarray, frame: str, view, shape, where: str) -> np.ndarray:

@@ -161,6 +161,7 @@ def read_volume(
         dicom_modality = header.get(_DICOM_MODALITY_TAG)
 
     data = _ensure_3d(data, p)
+    _check_voxel_type(data, p)
     extra: dict[str, Any] = {}
     data, n_filled = _check_finite(data, p, nonfinite)
     if n_filled:
@@ -176,16 +177,25 @@ def read_volume(
     else:
         mod, mod_src = guess_modality(data), "guess"
 
-    return Volume(
-        data_ijk=data,
-        affine_ras=affine,
-        header=header,
-        source_path=p,
-        source_format=fmt,
-        modality=mod,
-        modality_source=mod_src,
-        extra=extra,
-    )
+    try:
+        return Volume(
+            data_ijk=data,
+            affine_ras=affine,
+            header=header,
+            source_path=p,
+            source_format=fmt,
+            modality=mod,
+            modality_source=mod_src,
+            extra=extra,
+        )
+    except ValueError:  # a singular or non-finite voxel-to-world matrix
+        a = np.asarray(affine, dtype=np.float64)
+        why = ("holds NaN or infinite values" if not np.all(np.isfinite(a)) else
+               "is singular (a voxel size of 0, or two axes along one direction)")
+        raise ImageReadError(
+            f"Cannot use '{p}': its voxel-to-world matrix (affine, or origin/spacing/direction) {why}, so voxels "
+            f"have no position in space. Fix the header (e.g. with nibabel or 3D Slicer), or export it again."
+        ) from None
 
 
 def read_labels(
@@ -269,6 +279,50 @@ def list_dicom_series(folder: str | os.PathLike) -> list[dict]:
 
 
 # -- format-specific readers ----------------------------------------------------------------
+# Deflate never compresses better than about 1032:1, so a gzip file of n bytes holds at most
+# ~1032 n bytes: a header that declares more is refused before anything is allocated.
+_MAX_DEFLATE_RATIO = 1032
+
+
+def _check_payload(p: Path, shape, itemsize: int, payload_bytes: int, compressed: bool) -> None:
+    """Refuse a header whose declared voxels cannot be in the file (a damaged or hostile header)."""
+    n_voxels = 1
+    for s in shape:
+        n_voxels *= max(int(s), 0)
+    needed = n_voxels * int(itemsize)
+    available = payload_bytes * _MAX_DEFLATE_RATIO + 65536 if compressed else payload_bytes  # slack: headers
+    if needed > available:
+        shape_text = "x".join(str(int(s)) for s in shape)
+        raise ImageReadError(
+            f"Cannot read '{p}': its header declares {shape_text} voxels ({needed:,} bytes), but the file holds "
+            f"{'at most ' + format(available, ',') if compressed else format(max(payload_bytes, 0), ',')} bytes of "
+            f"voxel data: the file is truncated or its header is damaged. Copy or export it again."
+        )
+
+
+def _nifti_scaling_check(p: Path, dataobj, data: np.ndarray) -> None:
+    """scl_slope/scl_inter that overflow float32 (e.g. 1e38) would give a blank or infinite image.
+    (After loading, nibabel keeps the file's scaling on the array proxy, not on the header.)"""
+    slope = float(np.asarray(getattr(dataobj, "slope", 1.0)).reshape(-1)[0])
+    inter = float(np.asarray(getattr(dataobj, "inter", 0.0)).reshape(-1)[0])
+    if slope == 1.0 and inter == 0.0:
+        return
+    limit = float(np.finfo(np.float32).max)
+    if not (np.isfinite(slope) and np.isfinite(inter)):
+        bad = True
+    elif data.size and np.issubdtype(data.dtype, np.number):
+        lo, hi = float(np.min(data)), float(np.max(data))
+        bad = max(abs(lo), abs(hi)) > limit
+    else:
+        bad = False
+    if bad:
+        raise ImageReadError(
+            f"Cannot use '{p}': its intensity scaling (scl_slope {slope:g}, scl_inter {inter:g}) gives values beyond "
+            f"the float32 range, so the image would be blank or infinite. Fix scl_slope/scl_inter in the header "
+            f"(1 and 0 for unscaled data), or export the image again."
+        )
+
+
 def _read_nifti(p: Path) -> tuple[np.ndarray, np.ndarray, Any]:
     import nibabel as nib
 
@@ -279,6 +333,14 @@ def _read_nifti(p: Path) -> tuple[np.ndarray, np.ndarray, Any]:
             f"Cannot read '{p}': it is not a valid NIfTI file ({type(exc).__name__}: {exc}). The file "
             f"may be corrupt or only partly copied; copy or export it again."
         ) from exc
+    header = img.header
+    try:
+        shape, itemsize, offset = header.get_data_shape(), header.get_data_dtype().itemsize, int(header.get_data_offset())
+    except Exception:
+        shape = None
+    if shape is not None:
+        compressed = p.name.lower().endswith(".gz")
+        _check_payload(p, shape, itemsize, p.stat().st_size - (0 if compressed else offset), compressed)
     try:
         # dataobj applies scl_slope/scl_inter when they are set, and keeps the stored dtype otherwise.
         data = np.asanyarray(img.dataobj)
@@ -289,13 +351,93 @@ def _read_nifti(p: Path) -> tuple[np.ndarray, np.ndarray, Any]:
         ) from exc
     if isinstance(data, np.memmap):
         data = np.array(data)
+    _nifti_scaling_check(p, img.dataobj, data)
     affine = np.asarray(img.affine, dtype=np.float64)
     return data, affine, img.header
+
+
+_MET_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+              "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4,
+              "MET_DOUBLE": 8}
+_NRRD_BYTES = {"int8": 1, "uint8": 1, "char": 1, "uchar": 1, "signed char": 1, "unsigned char": 1, "short": 2,
+               "ushort": 2, "int16": 2, "uint16": 2, "short int": 2, "unsigned short": 2, "int": 4, "uint": 4,
+               "int32": 4, "uint32": 4, "unsigned int": 4, "float": 4, "double": 8, "longlong": 8,
+               "ulonglong": 8, "int64": 8, "uint64": 8, "long long": 8, "unsigned long long": 8}
+
+
+def _check_sitk_declared_size(p: Path, fmt: str) -> None:
+    """MetaImage / NRRD: compare the size the text header declares with the data in the file,
+    before SimpleITK allocates it (a 100-byte file declaring 1024^3 voxels is refused at once)."""
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(65536)
+        size = p.stat().st_size
+    except OSError:
+        return
+    try:
+        if fmt == "mha":
+            fields, end = {}, None
+            pos = 0
+            for line in head.split(b"\n"):
+                pos += len(line) + 1
+                key, sep, value = line.decode("latin-1").partition("=")
+                if not sep:
+                    continue
+                fields[key.strip().lower()] = value.strip()
+                if key.strip().lower() == "elementdatafile":
+                    end = pos
+                    break
+            if end is None or "dimsize" not in fields:
+                return
+            shape = [int(v) for v in fields["dimsize"].split()]
+            itemsize = _MET_BYTES.get(fields.get("elementtype", "").upper())
+            if itemsize is None:
+                return
+            itemsize *= int(fields.get("elementnumberofchannels", "1") or 1)
+            data_file = fields["elementdatafile"]
+            if data_file.upper() == "LOCAL":
+                payload = size - end
+            elif data_file.upper().startswith("LIST") or "%" in data_file:
+                return
+            else:
+                target = p.parent / data_file
+                if not target.is_file():
+                    raise ImageReadError(f"Cannot read '{p}': its data file '{target}' (ElementDataFile) does not "
+                                         f"exist. Keep the .mhd and its data file together.")
+                payload = target.stat().st_size
+            compressed = fields.get("compresseddata", "false").lower() == "true"
+        else:  # nrrd
+            text = head.decode("latin-1")
+            if not text.startswith("NRRD"):
+                return
+            header_text, sep, _ = text.partition("\n\n")
+            if not sep:
+                return
+            fields = {}
+            for line in header_text.splitlines()[1:]:
+                if line.startswith("#") or ":" not in line or ":=" in line:
+                    continue
+                key, _, value = line.partition(":")
+                fields[key.strip().lower()] = value.strip()
+            if "sizes" not in fields or "data file" in fields or "datafile" in fields:
+                return
+            shape = [int(v) for v in fields["sizes"].split()]
+            itemsize = _NRRD_BYTES.get(fields.get("type", "").lower())
+            encoding = fields.get("encoding", "raw").lower()
+            if itemsize is None or encoding not in ("raw", "gzip", "gz"):
+                return  # bzip2, text encodings: no cheap bound, SimpleITK decides
+            payload = size - len((header_text + sep).encode("latin-1"))
+            compressed = encoding != "raw"
+    except (ValueError, UnicodeDecodeError):
+        return  # an unusual header: SimpleITK decides
+    _check_payload(p, shape, itemsize, payload, compressed)
 
 
 def _read_sitk_file(p: Path, fmt: str) -> tuple[np.ndarray, np.ndarray, dict]:
     import SimpleITK as sitk
 
+    if fmt in ("mha", "nrrd"):
+        _check_sitk_declared_size(p, fmt)
     try:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(p))
@@ -442,6 +584,22 @@ def _ensure_3d(data: np.ndarray, p: Path) -> np.ndarray:
             return data.reshape(shape[:3])
         raise _four_d_error(p, shape)
     return data
+
+
+def _check_voxel_type(data: np.ndarray, p: Path) -> None:
+    """One real intensity per voxel: refuse colour (RGB) and complex images instead of misreading them."""
+    if data.dtype.names is not None or data.dtype.kind == "V":
+        raise ImageReadError(
+            f"Cannot use '{p}': it is a colour (RGB) image, not one intensity per voxel. Convert it to a "
+            f"single-channel (greyscale) 3D image first."
+        )
+    if np.iscomplexobj(data):
+        raise ImageReadError(
+            f"Cannot use '{p}': it holds complex numbers (e.g. raw MR k-space or phase data), not intensities. "
+            f"Save the magnitude image (abs) and use that."
+        )
+    if not (np.issubdtype(data.dtype, np.number) or data.dtype == bool):
+        raise ImageReadError(f"Cannot use '{p}': its voxel type {data.dtype} is not a number.")
 
 
 def _check_finite(data: np.ndarray, p: Path, policy: str) -> tuple[np.ndarray, int]:

@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 
 from .readers import lps_to_ras_affine, ras_to_lps_geometry
-from .atomic import atomic_write
+from .atomic import atomic_write, atomic_write_set
 from .colors import default_label_color, default_palette  # noqa: F401  (re-exported)
 from .volume import Volume
 
@@ -96,20 +96,40 @@ def label_dtype_for(max_label: int) -> np.dtype:
 
 
 # -- atomic file helper ---------------------------------------------------------------------
+def _temp_suffix(final: Path) -> str:
+    suffix = next((s for s in sorted(LABEL_SUFFIXES, key=len, reverse=True) if final.name.lower().endswith(s)), "")
+    return f".tmp{suffix or ''.join(final.suffixes[-1:])}"
+
+
 def _atomic_write(final: Path, write_fn: Callable[[Path], None], check_fn: Callable[[Path], None] | None = None) -> None:
     """`atomic_write` with the label writers' suffix rule and check, failing as LabelWriteError."""
-    final = Path(final)
-    suffix = next((s for s in sorted(LABEL_SUFFIXES, key=len, reverse=True) if final.name.lower().endswith(s)), "")
+    write_planned([(Path(final), write_fn, check_fn)])
+
+
+# Longest file name written (most file systems allow 255 bytes; the temporary name adds ~30).
+MAX_FILE_NAME_BYTES = 200
+
+
+def write_planned(items) -> list[Path]:
+    """Write planned files `(path, write(tmp), check(tmp) or None)` as one unit (`atomic_write_set`):
+    all or none of them replace what was there. Fails as LabelWriteError naming what was not written."""
+    items = [(Path(p), w, c) for p, w, c in items]
+    for final, _, _ in items:
+        if len(final.name.encode("utf-8", "surrogateescape")) > MAX_FILE_NAME_BYTES:
+            raise LabelWriteError(f"Cannot write '{final}': the file name is longer than {MAX_FILE_NAME_BYTES} "
+                                  f"bytes. Choose a shorter name. Nothing was written.")
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(final, write_fn, suffix=f".tmp{suffix or ''.join(final.suffixes[-1:])}", check=check_fn)
+        for final, _, _ in items:
+            final.parent.mkdir(parents=True, exist_ok=True)
+        return atomic_write_set([(final, w, _temp_suffix(final), c) for final, w, c in items])
     except LabelWriteError:
         raise
     except Exception as exc:
+        names = ", ".join(f"'{final}'" for final, _, _ in items)
         raise LabelWriteError(
-            f"Could not write '{final}' ({type(exc).__name__}: {exc}). Nothing was written there; check "
-            f"that the folder exists and is writable and that the disk has free space, or choose "
-            f"another output path."
+            f"Could not write {names} ({type(exc).__name__}: {exc}). None of these files was written or "
+            f"changed; check that the folder exists and is writable and that the disk has free space, or "
+            f"choose another output path."
         ) from exc
 
 
@@ -257,6 +277,15 @@ def write_label_map(
         from .dicom_seg import write_dicom_seg
 
         return write_dicom_seg(path, labels_ijk, reference, names, colors, model_name=model_name)
+    write_planned(plan_label_map(path, labels_ijk, reference, names, colors, sidecars=sidecars))
+    return path
+
+
+def plan_label_map(path, labels_ijk: np.ndarray, reference: Volume, names=None, colors=None, *,
+                   sidecars: bool = True) -> list[tuple]:
+    """The files `write_label_map` writes, as `(path, write(tmp), check(tmp))` for `write_planned`
+    (so a caller can write several label maps and their sidecars as one unit)."""
+    path = Path(path).expanduser()
     fmt = _label_format(path)
     labels = _prepare_labels(labels_ijk, reference)
 
@@ -276,12 +305,11 @@ def write_label_map(
         def write(tmp: Path) -> None:
             sitk.WriteImage(img, str(tmp), True)
 
-    _atomic_write(path, write, lambda tmp: _check_written(tmp, fmt, reference, labels.dtype))
-
+    items = [(path, write, lambda tmp: _check_written(tmp, fmt, reference, labels.dtype))]
     if sidecars:
         ids = sorted(set(int(i) for i in np.unique(labels) if i != 0) | set(int(i) for i in (names or {}) if int(i) != 0))
-        write_label_sidecars(path, ids, reference, names, colors)
-    return path
+        items += _sidecar_items(path, ids, reference, names, colors)
+    return items
 
 
 def _label_table(ids: Iterable[int], names, colors) -> list[dict]:
@@ -302,6 +330,21 @@ def write_label_sidecars(
     colors: Mapping[int, tuple] | None = None,
 ) -> dict[str, Path]:
     """Write the JSON, ITK-SNAP and Slicer colour-table sidecars of a label map (atomically)."""
+    write_planned(_sidecar_items(path, label_ids, reference, names, colors))
+    return sidecar_paths(path)
+
+
+def _itksnap_label(name: str) -> str:
+    """A name as ITK-SNAP reads it: one line, no double quote (it ends the field), no control characters."""
+    return re.sub(r"[\x00-\x1f\x7f]+", " ", name).replace('"', "'").strip() or "label"
+
+
+def _slicer_name(name: str, label_id: int) -> str:
+    """A colour-table name: one token (the file is space-separated), no control characters."""
+    return re.sub(r"[\s\x00-\x1f\x7f]+", "_", name.strip()) or f"label_{label_id}"
+
+
+def _sidecar_items(path, label_ids, reference, names, colors) -> list[tuple]:
     path = Path(path)
     table = _label_table(sorted(set(int(i) for i in label_ids) - {0}), names, colors)
     out = sidecar_paths(path)
@@ -327,24 +370,24 @@ def write_label_sidecars(
     ]
     for e in table:
         r, g, b, a = e["color"]
-        label = e["name"].replace('"', "'")
+        label = _itksnap_label(e["name"])
         snap.append(f'{e["id"]:5d} {r:5d} {g:4d} {b:4d} {a / 255:8.2f} {1:2d} {1:2d}    "{label}"')
     snap_text = "\n".join(snap) + "\n"
 
     ctbl = [f"# Color table file {out['ctbl'].name}", f"# {len(table) + 1} values", "0 background 0 0 0 0"]
     for e in table:
         r, g, b, a = e["color"]
-        slicer_name = re.sub(r"\s+", "_", e["name"].strip()) or f"label_{e['id']}"
+        slicer_name = _slicer_name(e["name"], e["id"])
         ctbl.append(f"{e['id']} {slicer_name} {r} {g} {b} {a}")
     ctbl_text = "\n".join(ctbl) + "\n"
 
-    for key, text in (("json", json_text), ("itksnap", snap_text), ("ctbl", ctbl_text)):
-        _atomic_write(out[key], lambda tmp, t=text: tmp.write_text(t, encoding="utf-8"))
-    return out
+    return [(out[key], (lambda tmp, t=text: tmp.write_text(t, encoding="utf-8")), None)
+            for key, text in (("json", json_text), ("itksnap", snap_text), ("ctbl", ctbl_text))]
 
 
-def _safe_name(name: str) -> str:
-    s = re.sub(r"[^A-Za-z0-9._-]+", "_", name.strip()).strip("._")
+def _safe_name(name: str, max_len: int = 64) -> str:
+    """A file-name part from an object name: safe characters only, at most `max_len` of them."""
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", name.strip()).strip("._")[:max_len].rstrip("._")
     return s or "object"
 
 
@@ -364,22 +407,33 @@ def write_label_maps_per_object(
         labels_ijk: (I, J, K) multi-object label volume on the reference's stored grid.
         ids: which label ids to write (default: every non-zero id present, plus named ids).
     Returns:
-        {label id: path}. Each file is written atomically with its own sidecars.
+        {label id: path}. All files and their sidecars are written as one unit.
     """
+    plan = plan_label_maps_per_object(folder, labels_ijk, reference, names, colors, suffix=suffix, ids=ids)
+    write_planned([item for items in plan.values() for item in items])
+    return {i: Path(items[0][0]) for i, items in plan.items()}
+
+
+def plan_label_maps_per_object(folder, labels_ijk, reference, names=None, colors=None, *, suffix=".nii.gz",
+                               ids=None) -> dict[int, list[tuple]]:
+    """{label id: the planned files (see `plan_label_map`) of its binary label map}."""
     folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise LabelWriteError(f"Cannot write the per-object label maps into '{folder}': it is a file, not a "
+                              f"folder. Choose a folder. Nothing was written.")
     labels = _prepare_labels(labels_ijk, reference)
     if ids is None:
         present = set(int(i) for i in np.unique(labels)) - {0}
         ids = sorted(present | {int(i) for i in (names or {})} - {0})
     names = {int(k): str(v) for k, v in (names or {}).items()}
     colors = {int(k): v for k, v in (colors or {}).items()}
-    written: dict[int, Path] = {}
+    planned: dict[int, list[tuple]] = {}
     for i in ids:
         i = int(i)
         name = names.get(i, f"label {i}")
         out = folder / f"{i:03d}_{_safe_name(name)}{suffix}"
         mask = (labels == i).astype(np.uint8)
-        write_label_map(out, mask, reference, names={1: name}, colors={1: colors[i]} if i in colors else {1: default_label_color(i)})
-        written[i] = out
-    return written
+        planned[i] = plan_label_map(out, mask, reference, names={1: name},
+                                    colors={1: colors[i]} if i in colors else {1: default_label_color(i)})
+    return planned
 

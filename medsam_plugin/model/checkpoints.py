@@ -110,9 +110,14 @@ def load_file(path: str | os.PathLike, what: str = "model weights file") -> Any:
     if path.is_dir():
         raise ModelLoadError(f"The {what} '{path}' is a folder, not a file. Point to the .pth file inside it.")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
+        # Random bytes and damaged files fail in the same unpickler as files with code in them:
+        # only a named GLOBAL means "Python objects"; a file that is no zip/pickle at all is damaged.
+        text = str(exc)
+        if "GLOBAL" not in text and "Unsupported global" not in text:
+            raise _corrupt(path, what, exc) from exc
+        if "weights only" in text.lower() or "weights_only" in text.lower():
             raise ModelLoadError(
                 f"The {what} '{path}' contains Python objects other than tensors and plain containers, "
                 "so it was not loaded (loading it could run arbitrary code). Re-save it as a plain "
@@ -125,13 +130,34 @@ def load_file(path: str | os.PathLike, what: str = "model weights file") -> Any:
         ) from exc
     except Exception as exc:  # torch raises RuntimeError, EOFError, ValueError... for damaged files
         raise _corrupt(path, what, exc) from exc
+    _check_finite_weights(obj, path, what)
+    return obj
+
+
+def _check_finite_weights(obj: Any, path: Path, what: str, _depth: int = 0) -> None:
+    """NaN or infinite weights give empty or random masks without any error: refuse them here."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() and obj.numel() and not bool(torch.isfinite(obj).all()):
+            raise ModelLoadError(
+                f"The {what} '{path}' holds weights that are NaN or infinite (e.g. from a training run that "
+                "diverged), so it would give meaningless masks. Use an earlier checkpoint or train again."
+            )
+    elif isinstance(obj, Mapping) and _depth < 8:
+        for value in obj.values():
+            _check_finite_weights(value, path, what, _depth + 1)
+    elif isinstance(obj, (list, tuple)) and _depth < 8:
+        for value in obj:
+            _check_finite_weights(value, path, what, _depth + 1)
 
 
 def _corrupt(path: Path, what: str, exc: BaseException) -> ModelLoadError:
     size = path.stat().st_size if path.exists() else 0
+    first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip() and "Weights only load failed" not in ln), "")
+    if isinstance(exc, pickle.UnpicklingError):
+        first = ""  # torch's advice (to load with weights_only=False) is the wrong one here
     return ModelLoadError(
         f"The {what} '{path}' ({size:,} bytes) could not be read as a PyTorch file: it is damaged, "
-        f"truncated or not a checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}). "
+        f"truncated or not a checkpoint{' (' + type(exc).__name__ + ': ' + first[:160] + ')' if first else ''}. "
         "Download or copy it again."
     )
 

@@ -369,7 +369,7 @@ class OpenVINOPath:
         body = _EncoderBody(encoder).eval()
         xml = openvino_ir_path(encoder, size, cache_dir)
         core = ov.Core()
-        if xml.is_file():
+        if xml.is_file() and _ir_intact(xml):
             model = core.read_model(str(xml))
             self.converted = False
         else:
@@ -381,8 +381,12 @@ class OpenVINOPath:
                 xml.parent.mkdir(parents=True, exist_ok=True)
                 tmp = xml.with_name(xml.stem + f".tmp{os.getpid()}.xml")
                 ov.save_model(model, str(tmp), compress_to_fp16=False)
+                sums = _ir_checksums(tmp)  # of what was written, recorded before the files go in place
                 os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
                 os.replace(tmp, xml)
+                from ..io.atomic import atomic_write_json
+
+                atomic_write_json(_ir_sums_path(xml), sums)
             except OSError as err:  # a read-only cache only costs the next start its conversion
                 log.warning("could not keep the converted OpenVINO model in %s: %s", xml.parent, err)
             self.converted = True
@@ -403,17 +407,84 @@ class OpenVINOPath:
             return torch.from_numpy(out.copy())
 
 
+def _ir_sums_path(xml):
+    return xml.with_name(xml.stem + ".sha256.json")
+
+
+def _ir_checksums(xml) -> dict:
+    import hashlib
+
+    sums = {}
+    for part in (xml, xml.with_suffix(".bin")):
+        digest = hashlib.sha256()
+        with open(part, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        sums[part.suffix.lstrip(".")] = digest.hexdigest()
+    return sums
+
+
+def _ir_intact(xml) -> bool:
+    """True when the cached IR's .xml and .bin match the checksums recorded when they were written.
+    A damaged, missing or planted file is removed (with a warning) so that the model is converted again."""
+    import json
+
+    sums_path = _ir_sums_path(xml)
+    try:
+        ok = json.loads(sums_path.read_text()) == _ir_checksums(xml)
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        log.warning("the cached OpenVINO model %s is damaged or has no recorded checksum; converting it again", xml)
+        for part in (xml, xml.with_suffix(".bin"), sums_path):
+            try:
+                part.unlink()
+            except OSError:
+                pass
+    return ok
+
+
+def disable_openvino_telemetry() -> None:
+    """Make sure OpenVINO reports nothing from this process, whatever was imported first.
+
+    Before `openvino` is imported: hide the `openvino_telemetry` package, so OpenVINO falls back to
+    its own no-op stub (nothing is sent, no client-id file is written). When someone imported
+    `openvino` earlier, its telemetry object already exists: it is switched off (consent False) and
+    the converter's modules are pointed at the stub, so no later call (`convert_model`) sends anything.
+    """
+    if "openvino_telemetry" not in sys.modules:
+        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]
+        return
+    telemetry = sys.modules.get("openvino_telemetry")
+    if telemetry is None:
+        return
+    try:
+        instance = telemetry.Telemetry._SingletonMetaClass__single_instance
+    except AttributeError:
+        instance = None
+    if instance is not None:
+        instance.consent = False
+    try:
+        import openvino.tools.ovc.telemetry_stub as stub
+    except ImportError:
+        return
+    for name in ("openvino.tools.ovc.telemetry_utils", "openvino.tools.ovc.convert_impl",
+                 "openvino.tools.ovc.utils", "openvino.tools.ovc.main"):
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "tm", None) is telemetry:
+            module.tm = stub
+
+
 def import_openvino():
-    """Import OpenVINO with its usage telemetry switched off.
+    """Import OpenVINO with its usage telemetry switched off (`disable_openvino_telemetry`).
 
     Importing `openvino` (and `ov.convert_model`) reports usage to Intel unless the user opted out;
-    this tool never sends anything anywhere. Hiding the `openvino_telemetry` package makes
-    OpenVINO fall back to its own no-op stub, for this process.
+    this tool never sends anything anywhere.
     """
-    if "openvino" not in sys.modules and "openvino_telemetry" not in sys.modules:
-        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]
+    disable_openvino_telemetry()
     import openvino
 
+    disable_openvino_telemetry()  # in case the import itself brought the telemetry package in
     return openvino
 
 

