@@ -36,14 +36,15 @@ demo: install
 	  --prompts sample_data/ct_spleen_prompts.json --out demo_output/spleen_labels.nii.gz \
 	  --png demo_output/spleen_overlay.png --reference sample_data/ct_spleen_msd_spleen2_crop/label.nii.gz
 
+# QT_API: the GUI tests run on the Qt6 binding even where an older PyQt5 lingers in the venv.
 test: install system-deps
-	$(BIN)/python -m pytest
+	QT_API=pyqt6 $(BIN)/python -m pytest
 
 bench: install
 	$(BIN)/python benchmarks/run_all.py
 
 screenshot: install system-deps
-	xvfb-run -a $(BIN)/python scripts/screenshot.py
+	QT_API=pyqt6 xvfb-run -a $(BIN)/python scripts/screenshot.py
 
 clean:
 	rm -rf demo_output .pytest_cache

@@ -57,3 +57,41 @@ def test_bar_text_is_redrawn_at_most_four_times_a_second_but_always_at_the_end(m
     _, made, _ = _run(monkeypatch, steps=6)
     # 0.0 first; 0.3 is 0.25 s after it; the last step always
     assert made[0].descriptions == ["step 1", "step 4", "step 6"]
+
+
+def test_reports_handled_inside_building_the_bar_reach_callbacks_in_order_and_none_after_the_end(monkeypatch,
+                                                                                                   qtbot):
+    """Building napari's bar runs Qt events, so later reports (and the task's end) can be handled
+    inside the first report's handler: what the widget draws must still be in order, and nothing
+    may come after on_finish (a late preview would stay in the labels after a cancel)."""
+    import threading
+    import time
+
+    import pytest
+
+    pytest.importorskip("napari")
+    from qtpy.QtWidgets import QApplication
+
+    made, seen = [], []
+    done = threading.Event()
+
+    def slow_bar(description):  # like napari's: it processes events while it is built
+        done.wait(5)
+        time.sleep(0.05)
+        QApplication.processEvents()
+        return _Bar(made)
+
+    monkeypatch.setattr(_tasks, "_progress_bar", slow_bar)
+
+    def work(cancel):
+        for i in range(5):
+            yield SimpleNamespace(done=i + 1, total=5, message=f"step {i + 1}")
+        done.set()
+        return "result"
+
+    task = _tasks.start_task(work, "test work", on_yield=lambda v: seen.append(v.done),
+                             on_finish=lambda cancelled: seen.append("finished"), inline=False)
+    qtbot.waitUntil(lambda: task.finished.is_set() and "finished" in seen, timeout=10_000)
+    qtbot.wait(100)
+    numbers = [v for v in seen if v != "finished"]
+    assert numbers == sorted(numbers) and seen[-1] == "finished"

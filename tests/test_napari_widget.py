@@ -91,7 +91,9 @@ def test_box_segment_propagate_undo_export(opened, spleen, qtbot, tmp_path):
     press(viewer, qtbot, Qt.Key_S)
     labels = widget.labels_layer
     assert widget.pending is not None
-    assert dice(labels.data[z] == 1, label_zyx[z]) > 0.9
+    # the slice result shows in its own layer until it is accepted; the Labels layer holds only accepted work
+    assert dice(viewer.layers["MedSAM pending"].data[z] == 1, label_zyx[z]) > 0.9
+    assert not np.asarray(labels.data).any()
 
     t0 = time.perf_counter()
     press(viewer, qtbot, Qt.Key_P)  # accepts the slice and propagates both ways
@@ -188,11 +190,14 @@ def test_cancel_leaves_labels_unchanged(make_napari_viewer, monkeypatch, tmp_pat
     widget.accept()
     before = widget.session.labels.array.copy()
     task = widget.propagate("both")
-    qtbot.waitUntil(lambda: (np.asarray(widget.labels_layer.data) != before).any(), timeout=120_000)
+    pending = viewer.layers["MedSAM pending"]
+    qtbot.waitUntil(lambda: np.asarray(pending.data).any(), timeout=120_000)  # the first slices show...
+    np.testing.assert_array_equal(widget.labels_layer.data, before)  # ...outside the Labels layer
     assert not widget.labels_layer.editable  # no painting while a worker writes
     widget.cancel()
     assert widget.wait(120)
     assert task.cancel_event.is_set()
     np.testing.assert_array_equal(widget.session.labels.array, before)
     np.testing.assert_array_equal(widget.labels_layer.data, before)
+    assert not np.asarray(pending.data).any()
     assert widget.labels_layer.editable

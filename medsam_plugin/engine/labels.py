@@ -33,6 +33,7 @@ class LabelVolume:
         self._undo: list[tuple] = []
         self._redo: list[tuple] = []
         self.max_undo = max_undo
+        self.pushes = 0  # history entries ever pushed: `merge_last(pushes - earlier)` groups a workflow step
         # (snapshot, restore) callables of an owner whose own state (for example a session's seeds)
         # must travel with undo/redo; None when only the voxels matter.
         self.extra_state: tuple | None = None
@@ -63,14 +64,18 @@ class LabelVolume:
 
     # ------------------------------------------------------------------ edits
     def commit(self, label_id: int, masks: dict[int, np.ndarray], overwrite: bool = False,
-               replace_own: bool = True, what: str = "commit") -> int:
-        """Write one object's per-slice masks (z -> (H, W) bool); returns voxels changed."""
+               replace_own: bool = True, what: str = "commit", protected: Iterable[int] = ()) -> int:
+        """Write one object's per-slice masks (z -> (H, W) bool); returns voxels changed.
+
+        protected: label ids whose voxels are never overwritten, even with `overwrite` (locked objects).
+        """
         if label_id not in self.objects:
             raise KeyError(f"No object with label {label_id}; add it first.")
         if not masks:
             return 0
         zs = np.array(sorted(masks), dtype=np.int64)
         before = self.array[zs].copy()
+        protected = [int(p) for p in protected if int(p) != label_id]
         for z in zs:
             current = self.array[z]
             if replace_own:
@@ -79,6 +84,8 @@ class LabelVolume:
             if mask.shape != current.shape:
                 raise ValueError(f"Mask for slice {z} has shape {mask.shape}; the slice is {current.shape}.")
             writable = mask if overwrite else mask & ((current == 0) | (current == label_id))
+            if protected:
+                writable = writable & ~np.isin(current, protected)
             current[writable] = label_id
         changed = int((self.array[zs] != before).sum())
         if changed:
@@ -120,6 +127,23 @@ class LabelVolume:
         self._undo.append((what, zs, before, self._snapshot_extra()))
         del self._undo[:-self.max_undo]
         self._redo.clear()
+        self.pushes += 1
+
+    def merge_last(self, n: int, what: str) -> None:
+        """Make the last `n` history entries one undo step (for example a correction and its re-propagation)."""
+        n = min(int(n), len(self._undo))
+        if n < 2:
+            if n == 1:
+                self._undo[-1] = (what, *self._undo[-1][1:])
+            return
+        entries = self._undo[-n:]
+        del self._undo[-n:]
+        before: dict[int, np.ndarray] = {}
+        for _, zs, slices, _ in reversed(entries):  # the oldest entry's copy of a slice wins
+            for z, sl in zip(zs.tolist(), slices):
+                before[z] = sl
+        zs = np.array(sorted(before), dtype=np.int64)
+        self._undo.append((what, zs, np.stack([before[int(z)] for z in zs]), entries[0][3]))
 
     def _snapshot_extra(self):
         return self.extra_state[0]() if self.extra_state else None

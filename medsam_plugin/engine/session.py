@@ -55,6 +55,16 @@ class SegmentationSession:
         self.labels.extra_state = (self._snapshot_seeds, self._restore_seeds)  # seeds follow undo/redo
         self.seeds: dict[int, dict[int, SlicePrediction]] = {}
         self.stop_slices: dict[int, set[int]] = {}  # per object: slices its walks never enter
+        # Per object, per slice: (added_yx, erased_yx) bool masks of the user's brush edits, which
+        # later propagations of that object keep (a re-propagation must not undo hand work).
+        self.edits: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+        # What a new result may overwrite (3D Slicer's choice): "none" (a voxel stays with the object
+        # that claimed it first), "all" (the new result wins), "allow" (objects may overlap: the shared
+        # label map keeps the first claim, each object's own mask keeps the rest, `object_mask`).
+        self.overlap = "none"
+        self.locked: set[int] = set()  # objects nothing may change (their voxels, seeds, painting)
+        self.overlaps: dict[int, dict[int, np.ndarray]] = {}  # "allow": per object, per slice, voxels others hold
+        self.withheld: dict[int, int] = {}  # the last commit: other label id -> voxels it kept from the object
         self._propagated: dict[int, dict[int, SlicePrediction]] = {}
         # Per object: slice -> confidence / stop signals of its last propagation, and why its walks ended.
         self._confidence: dict[int, dict[int, float]] = {}
@@ -152,6 +162,9 @@ class SegmentationSession:
 
     def remove_object(self, label_id: int) -> None:
         self.labels.remove_object(label_id)
+        self.locked.discard(label_id)
+        self.overlaps.pop(label_id, None)
+        self.edits.pop(label_id, None)
         self.seeds.pop(label_id, None)
         self.stop_slices.pop(label_id, None)
         self._propagated.pop(label_id, None)
@@ -159,11 +172,16 @@ class SegmentationSession:
             per_object.pop(label_id, None)
 
     def clear_object(self, label_id: int) -> int:
-        """Erase an object's voxels and seeds (undoable); the object itself stays in the list."""
+        """Erase an object's voxels, seeds, brush edits and stop slices (voxels undoable); the object stays."""
         self._require(label_id)
         changed = self.labels.clear_object(label_id)
         self.seeds[label_id] = {}
+        self.edits.pop(label_id, None)
+        self.overlaps.pop(label_id, None)
+        self.stop_slices.pop(label_id, None)  # a cleared object starts over: nothing bars its walks
         self._propagated.pop(label_id, None)
+        for per_object in (self._confidence, self.signals, self.stopped):
+            per_object.pop(label_id, None)
         return changed
 
     @property
@@ -191,10 +209,119 @@ class SegmentationSession:
         marks.add(int(z)) if stop else marks.discard(int(z))
 
     def _snapshot_seeds(self) -> dict:
-        return {label: dict(by_z) for label, by_z in self.seeds.items()}
+        # Seeds and brush edits travel with undo/redo (their arrays are never modified in place).
+        return {"seeds": {label: dict(by_z) for label, by_z in self.seeds.items()},
+                "edits": {label: dict(by_z) for label, by_z in self.edits.items()},
+                "overlaps": {label: dict(by_z) for label, by_z in self.overlaps.items()}}
 
     def _restore_seeds(self, snapshot: dict) -> None:
-        self.seeds = {label: dict(by_z) for label, by_z in snapshot.items()}
+        self.seeds = {label: dict(by_z) for label, by_z in snapshot["seeds"].items()}
+        self.edits = {label: dict(by_z) for label, by_z in snapshot["edits"].items()}
+        self.overlaps = {label: dict(by_z) for label, by_z in snapshot["overlaps"].items()}
+
+    # ------------------------------------------------------------------ overlap rule
+    OVERLAP_MODES = ("none", "all", "allow")
+
+    def set_overlap(self, mode: str) -> None:
+        """What a new result may overwrite: "none" (first claim wins), "all", or "allow" overlap."""
+        if mode not in self.OVERLAP_MODES:
+            raise ValueError(f"The overlap rule is one of {', '.join(self.OVERLAP_MODES)}; got {mode!r}.")
+        self.overlap = mode
+
+    def _commit(self, label_id: int, masks: dict[int, np.ndarray], what: str) -> int:
+        """Write an object's masks under the overlap rule; count in `withheld` what other objects kept."""
+        if label_id in self.locked:
+            raise PermissionError(f"'{self.labels.objects[label_id].name}' is locked: unlock it to change it.")
+        arr = self.labels.array
+        withheld: dict[int, int] = {}
+        kept_apart: dict[int, np.ndarray] = {}
+        for z, m in masks.items():
+            m = np.asarray(m, dtype=bool)
+            held = arr[z]
+            blocked = m & (held != 0) & (held != label_id)
+            if self.overlap == "all":
+                blocked &= np.isin(held, list(self.locked))
+            if blocked.any():
+                ids, counts = np.unique(held[blocked], return_counts=True)
+                for i, c in zip(ids.tolist(), counts.tolist()):
+                    withheld[i] = withheld.get(i, 0) + c
+                kept_apart[int(z)] = blocked
+        changed = self.labels.commit(label_id, masks, overwrite=self.overlap == "all", what=what,
+                                     protected=self.locked)
+        self.withheld = withheld
+        if self.overlap == "allow":  # after the commit: its undo entry holds the overlaps as they were
+            own = self.overlaps.setdefault(label_id, {})
+            for z in masks:
+                if int(z) in kept_apart:
+                    own[int(z)] = kept_apart[int(z)]
+                else:
+                    own.pop(int(z), None)
+        return changed
+
+    def object_mask(self, label_id: int) -> np.ndarray:
+        """(Z, H, W) bool: the object's own result, its overlaps with other objects included ("allow")."""
+        self._require(label_id)
+        mask = self.labels.array == label_id
+        for z, extra in self.overlaps.get(label_id, {}).items():
+            mask[z] |= extra
+        return mask
+
+    def withheld_sentence(self, label_id: int) -> str:
+        """What the last commit of `label_id` did not get and why, or "" when it got everything."""
+        if not self.withheld:
+            return ""
+        total = sum(self.withheld.values())
+        names = ", ".join(f"'{self.labels.objects[i].name}'" if i in self.labels.objects else f"label {i}"
+                          for i in sorted(self.withheld, key=lambda i: -self.withheld[i]))
+        if self.overlap == "allow":
+            return (f"{total:,} voxels overlap {names}: the label map keeps them there, the object's own "
+                    "layer and file keep them too.")
+        why = "locked" if self.overlap == "all" else "overwrite none"
+        return (f"{total:,} voxels were withheld: they belong to {names} ({why}). Choose 'overwrite all' or "
+                "'allow overlap' under Overlap to change that.")
+
+    # ------------------------------------------------------------------ brush edits
+    def paint(self, new_array: np.ndarray, what: str = "paint") -> int:
+        """Take the user's painted label volume (view frame, same shape) as one undoable step.
+
+        The voxels each object gained or lost are remembered per slice, so a later propagation
+        of that object keeps them (`_apply_edits`). Returns the number of voxels changed.
+        """
+        new_array = np.asarray(new_array)
+        if new_array.shape != self.labels.array.shape:
+            raise ValueError(f"Label array has shape {new_array.shape}; expected {self.labels.array.shape}.")
+        old = self.labels.array
+        zs = np.flatnonzero((new_array != old).any(axis=(1, 2)))
+        if zs.size == 0:
+            return 0
+        edits = {label: dict(by_z) for label, by_z in self.edits.items()}
+        for z in zs:
+            o, n = old[z], new_array[z]
+            for label in set(np.unique(o[o != n]).tolist()) | set(np.unique(n[o != n]).tolist()):
+                if not label:
+                    continue
+                added, erased = (n == label) & (o != label), (o == label) & (n != label)
+                prev_add, prev_erase = edits.get(label, {}).get(int(z), (None, None))
+                if prev_add is not None:
+                    added, erased = (prev_add & ~erased) | added, (prev_erase & ~added) | erased
+                edits.setdefault(int(label), {})[int(z)] = (added, erased)
+        changed = self.labels.set_array(new_array.astype(self.labels.array.dtype), what=what)  # snapshots the old edits
+        self.edits = edits
+        for label in self.labels.objects:
+            self.seeds.setdefault(label, {})
+        return changed
+
+    def _apply_edits(self, label_id: int, masks: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+        """masks (z -> (H, W) bool) of `label_id` with its brush edits applied; slices it painted are added."""
+        edits = self.edits.get(label_id, {})
+        if not edits:
+            return masks
+        empty = np.zeros(self.shape_zyx[1:], dtype=bool)
+        out = dict(masks)
+        for z in set(masks) | set(edits):
+            added, erased = edits.get(z, (empty, empty))
+            out[z] = (np.asarray(masks.get(z, self.labels.array[z] == label_id), dtype=bool) | added) & ~erased
+        return out
 
     def _require(self, label_id: int) -> None:
         if label_id not in self.labels.objects:
@@ -237,8 +364,103 @@ class SegmentationSession:
         """Make a slice result a seed of the object and write it into the labels (undoable)."""
         self._require(label_id)
         # Commit first: the undo entry records the seeds as they were before this slice.
-        self.labels.commit(label_id, {pred.z: pred.mask_yx}, what=f"segment {label_id} on slice {pred.z}")
+        self._commit(label_id, {pred.z: pred.mask_yx}, what=f"segment {label_id} on slice {pred.z}")
         self.seeds.setdefault(label_id, {})[pred.z] = pred
+
+    def correct(self, label_id: int, pred: SlicePrediction, direction: str = "both",
+                cancel: threading.Event | None = None) -> Generator[Progress, None, PropagationResult | None]:
+        """Take a corrected slice result as a seed and, if the object was propagated, re-propagate from it.
+
+        `pred` comes from `segment_slice(..., use_current_mask=True, commit=False)` (clicks that refine
+        what the object holds on that slice). The re-propagation walks out from the slice only
+        until the new masks agree with the existing result (`propagate(from_slice=...)`). The slice
+        and what it changed elsewhere are one undo step. A cancelled re-propagation keeps the
+        corrected slice only. Returns the propagation result, or None when there was none to redo.
+        """
+        self._require(label_id)
+        start = self.labels.pushes
+        self.accept(label_id, pred)
+        what = f"correct {label_id} on slice {pred.z}"
+        if label_id not in self._propagated:
+            self.labels.merge_last(self.labels.pushes - start, what)
+            return None
+        try:
+            result = yield from self.propagate(label_id, direction, cancel=cancel, from_slice=pred.z)
+        finally:
+            self.labels.merge_last(self.labels.pushes - start, what)
+        return result
+
+    # ------------------------------------------------------------------ state (autosave)
+    def to_state(self) -> dict:
+        """The session's work besides the voxels, as JSON-able data (`from_state` takes it back)."""
+        return {
+            "format": "medsam_plugin.session/1",
+            "scan": str(self.volume.source_path) if getattr(self.volume, "source_path", None) else None,
+            "axis": self.view.axis,
+            "objects": [{"label_id": k, "name": o.name, "color": list(o.color)} for k, o in self.labels.objects.items()],
+            "stop_slices": {str(k): sorted(self.stop_slices.get(k, ())) for k in self.labels.objects},
+            "seed_slices": {str(k): sorted(v) for k, v in self.seeds.items() if k in self.labels.objects},
+            "propagated": sorted(k for k in self._propagated if k in self.labels.objects),
+            "overlap": self.overlap,
+            "locked": sorted(self.locked),
+        }
+
+    def from_state(self, labels_zyx: np.ndarray, state: dict, what: str = "restore autosave") -> None:
+        """Take back `to_state()` and its label volume (one undoable step for the voxels).
+
+        Seeds come back from the labels on the seed slices (`seed_from_mask`), so propagation can go
+        on from them; objects, names, colours, stop slices, the overlap rule and locks as saved.
+        """
+        labels_zyx = np.asarray(labels_zyx)
+        if tuple(labels_zyx.shape) != tuple(self.shape_zyx):
+            raise ValueError(f"The saved labels have shape {labels_zyx.shape}; this scan's view is {self.shape_zyx}.")
+        for obj in state.get("objects", []):
+            lid = int(obj["label_id"])
+            color = tuple(obj.get("color") or ()) or None
+            if lid not in self.labels.objects:
+                self.add_object(name=obj.get("name"), label_id=lid, color=color)
+            else:
+                self.labels.objects[lid].name = obj.get("name", self.labels.objects[lid].name)
+                if color:
+                    self.labels.objects[lid].color = color
+        self.labels.set_array(labels_zyx.astype(self.labels.array.dtype), what=what)
+        self.stop_slices = {int(k): {int(z) for z in zs} for k, zs in state.get("stop_slices", {}).items() if zs}
+        for k, zs in state.get("seed_slices", {}).items():
+            lid = int(k)
+            if lid in self.labels.objects:
+                self.seeds[lid] = {int(z): self.seed_from_mask(lid, int(z)) for z in zs
+                                   if (self.labels.array[int(z)] == lid).any()}
+        for lid in state.get("propagated", []):
+            if int(lid) in self.labels.objects:
+                self._propagated.setdefault(int(lid), {})
+        self.overlap = state.get("overlap", self.overlap) if state.get("overlap") in self.OVERLAP_MODES else self.overlap
+        self.locked = {int(k) for k in state.get("locked", []) if int(k) in self.labels.objects}
+
+    def seed_from_mask(self, label_id: int, z: int) -> SlicePrediction:
+        """A seed made from what the object holds on slice z (a restored or painted slice).
+
+        Its low-res logits are the mask in the decoder's 256 x 256 frame (longest side scaled to
+        256, padded bottom/right), +8 inside and -8 outside, so mask-prompted modes can use it.
+        """
+        mask = self.labels.array[z] == label_id
+        h, w = mask.shape
+        vh, vw = max(1, int(round(h * 256 / max(h, w)))), max(1, int(round(w * 256 / max(h, w))))
+        rows = np.minimum((np.arange(vh) + 0.5) * h / vh, h - 1).astype(int)
+        cols = np.minimum((np.arange(vw) + 0.5) * w / vw, w - 1).astype(int)
+        logits = np.full((256, 256), -8.0, dtype=np.float32)
+        logits[:vh, :vw] = np.where(mask[rows][:, cols], 8.0, -8.0)
+        from .propagation import bounding_box_xyxy
+
+        box = bounding_box_xyxy(mask) if mask.any() else None
+        return SlicePrediction(z=int(z), mask_yx=mask, logits_256=logits, iou=1.0,
+                               prompt={"box_xyxy": None if box is None else np.asarray(box, dtype=np.float32)})
+
+    def rename(self, label_id: int, name: str) -> None:
+        """Rename an object; an empty name is refused with a sentence."""
+        self._require(label_id)
+        if not str(name).strip():
+            raise ValueError("An object needs a name: type at least one character.")
+        self.labels.objects[label_id].name = str(name).strip()
 
     def remove_seed(self, label_id: int, z: int) -> None:
         self.seeds.get(label_id, {}).pop(z, None)
@@ -261,6 +483,10 @@ class SegmentationSession:
             raise ValueError(f"Object {label_id} has no segmented slice yet: prompt it on one slice first.")
         predictor = self.predictor
         stop = stop or self.stop_rules
+        if stop.policy is None:  # each model ends its walks by the rule measured for it
+            from .propagation import policy_for_model
+
+            stop = dataclasses.replace(stop, policy=policy_for_model(getattr(predictor, "spec", None)))
         marked = set(self.stop_slices.get(label_id, set()))
         current = self.labels.array == label_id
         if from_slice is not None:
@@ -273,6 +499,11 @@ class SegmentationSession:
             stop = dataclasses.replace(stop, stop_slices=frozenset(set(stop.stop_slices) | marked))
         result = yield from propagate(predictor, seeds, mode=mode or self.mode, stop=stop,
                                       direction=direction, cancel=cancel, candidates=self.candidates)
+        # A cancel that came after the last slice still wins: nothing is committed.
+        if cancel is not None and cancel.is_set():
+            from .propagation import PropagationCancelled
+
+            raise PropagationCancelled("Propagation was cancelled; nothing was changed.")
         if from_slice is not None:
             masks = {z: p.mask_yx for z, p in result.predictions.items()}
         else:
@@ -289,7 +520,8 @@ class SegmentationSession:
             # Only slices that held this object or gain it need rewriting.
             holds = current.any(axis=(1, 2))
             masks = {z: m for z, m in masks.items() if holds[z] or m.any()}
-        self.labels.commit(label_id, masks, what=f"propagate {label_id}")
+        masks = self._apply_edits(label_id, masks)
+        self._commit(label_id, masks, what=f"propagate {label_id}")
         self._propagated.setdefault(label_id, {}).update(result.predictions)
         if from_slice is None:  # the whole object was redone: older scores no longer apply
             self._confidence[label_id], self.signals[label_id] = {}, {}
@@ -316,6 +548,8 @@ class SegmentationSession:
         changed = self.labels.clear_object(label_id, beyond)
         for s in beyond:
             self.seeds.get(label_id, {}).pop(s, None)
+            self.edits.get(label_id, {}).pop(s, None)  # the object ends here: no hand edits come back
+            self.overlaps.get(label_id, {}).pop(s, None)
         return changed
 
     def undo(self) -> str | None:
@@ -335,12 +569,25 @@ class SegmentationSession:
 
         names = self.labels.names()
         colors = {k: o.color for k, o in self.labels.objects.items()}
-        model_name = self.predictor.spec.name if self.model_loaded else str(self.model_name)
+        spec = getattr(self._predictor, "spec", None)
+        model_name = spec.name if spec is not None else str(self.model_name)
         written = [write_label_map(path, self.labels_ijk(), self.volume, names=names, colors=colors,
                                    model_name=model_name)]
+        overlapping = self.overlap == "allow" and any(any(m.any() for m in by_z.values())
+                                                      for by_z in self.overlaps.values())
+        if per_object_dir is None and overlapping:
+            # one label map cannot hold overlaps: each object's own file carries them
+            from pathlib import Path
+
+            per_object_dir = Path(path).parent / f"{Path(path).name.split('.')[0]}_objects"
         if per_object_dir is not None:
             from ..io.writers import write_label_maps_per_object
 
-            written += list(write_label_maps_per_object(per_object_dir, self.labels_ijk(), self.volume,
-                                                        names=names, colors=colors))
+            for label_id in sorted(self.labels.objects):
+                mask = self.object_mask(label_id)
+                if not mask.any():
+                    continue  # an empty object gets no empty file; the caller reports it
+                own = self.view.from_view(mask.astype(np.uint16) * label_id)
+                written += list(write_label_maps_per_object(per_object_dir, own, self.volume, names=names,
+                                                            colors=colors, ids=[label_id]).values())
         return written

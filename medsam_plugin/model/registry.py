@@ -61,6 +61,7 @@ class ModelSpec:
         prompts: the prompts the model was trained to answer ("box", "points", "mask"); the engine
             and the widget warn when a user gives one outside this set.
         default_mode: the propagation mode measured best for this model.
+        stop_policy: the name of the propagation stop rule measured for it (engine.propagation.POLICIES).
         embedding_key: identifies the image encoder's numerics for the embedding cache; a model that
             only fine-tuned the prompt encoder and mask decoder shares its base's embeddings.
     """
@@ -76,6 +77,7 @@ class ModelSpec:
     prompts: tuple[str, ...] = ("box",)
     default_mode: str = "box"
     embedding_key: str = ""
+    stop_policy: str = "box-prompted"  # engine.propagation.POLICIES: the stop rule measured for it
 
     def __post_init__(self) -> None:
         if not self.base:
@@ -159,6 +161,7 @@ REGISTRY["medsam_interactive"] = ModelSpec(
     prompts=("box", "points", "mask"),
     default_mode="box+mask",
     embedding_key=REGISTRY["lite_medsam"].embedding_key,
+    stop_policy="interactive",
 )
 
 
@@ -558,6 +561,7 @@ def _load_finetuned(obj: Any, path: Path, checkpoint: str | os.PathLike | None) 
         description=f"{base_spec.description}; fine-tuned",
         prompts=prompts,
         default_mode=str(meta.get("recommended_mode") or base_spec.default_mode),
+        stop_policy="interactive" if "mask" in prompts and "points" in prompts else base_spec.stop_policy,
         # only the prompt encoder and mask decoder changed: the base's embeddings are still exact
         embedding_key=base_spec.embedding_key if not full else f"{path.stem}:{file_sha256(path)}",
     )

@@ -89,6 +89,19 @@ def load(folder: Path) -> tuple[np.ndarray, dict]:
     return labels, state
 
 
+def keep_offered(folder: Path) -> Path:
+    """Copy the autosave in `folder` to `folder/offered/` and return that: while the user has not
+    answered the offer to restore it, new autosaves of new work must not replace it."""
+    import shutil
+
+    folder = Path(folder)
+    offered = folder / "offered"
+    offered.mkdir(parents=True, exist_ok=True)
+    for name in ("labels_zyx.npy", "state.json"):
+        shutil.copy2(folder / name, offered / name)
+    return offered
+
+
 def discard(folder: Path) -> None:
     for name in ("labels_zyx.npy", "state.json"):
         try:

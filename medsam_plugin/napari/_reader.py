@@ -6,6 +6,12 @@ orientation (patient right on the screen's left). The layer's scale/translate (o
 oblique scans) come from `SliceView.display_affine`, so napari measures in millimetres. The
 source `Volume` and the view axis travel in `layer.metadata` (keys in `META_*`), which is how the
 widget builds its session and how the writer puts label maps back on the source voxel grid.
+
+Oblique scans follow napari-nifti's convention: napari slices a rotated volume off its voxel
+planes (a tilted stack shows as many half-black slider positions, and a prompt drawn "on slice 8"
+lands between slices), so the layer gets a deobliqued, diagonal transform (the voxel spacing,
+centred where the true volume is) and the true view -> world affine travels in
+`metadata[META_TRUE_AFFINE]`, which the writer restores on export.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ META_SOURCE = "medsam_source_path"  # str path of the scan (file or DICOM folder
 META_NAMES = "medsam_label_names"  # {label id: name} (Labels layers)
 META_COLORS = "medsam_label_colors"  # {label id: (r, g, b) 0-255} (Labels layers)
 META_MODEL = "medsam_model"  # name of the model that made a Labels layer (recorded in a DICOM SEG)
+META_TRUE_AFFINE = "medsam_true_affine"  # (4, 4) exact view index (z, y, x) -> world mm, oblique included
 
 _FILE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 
@@ -72,18 +79,28 @@ def _is_seg_file(path: str) -> bool:
     return Path(path).is_file() and is_dicom_seg(path)
 
 
-def layer_geometry(view) -> dict[str, Any]:
-    """napari transform kwargs that show a `SliceView` array with physical geometry.
+def is_oblique(view, atol: float = 1e-6) -> bool:
+    """Whether the view's voxel axes are tilted against the world axes it is shown along."""
+    lin = np.asarray(view.display_affine, dtype=np.float64)[:3, :3]
+    return not (np.allclose(lin, np.diag(np.diag(lin)), atol=atol) and np.all(np.diag(lin) > 0))
 
-    Returns {"scale", "translate"} for axis-aligned scans (display_affine is diagonal) or
-    {"affine"} for oblique ones. Prompt and label layers reuse the same kwargs so that one
-    data coordinate means the same voxel in all of them.
+
+def layer_geometry(view) -> dict[str, Any]:
+    """napari transform kwargs {"scale", "translate"} that show a `SliceView` array in millimetres.
+
+    Always diagonal, so each slider position is one slice of the array. For an oblique scan it
+    is the deobliqued transform (napari-nifti's convention): the spacing is the length of each
+    voxel axis, and the volume's centre stays where the true affine puts it. Prompt and label
+    layers reuse the same kwargs, so one data coordinate means the same voxel in all of them.
     """
     aff = np.asarray(view.display_affine, dtype=np.float64)
     lin = aff[:3, :3]
-    if np.allclose(lin, np.diag(np.diag(lin)), atol=1e-6) and np.all(np.diag(lin) > 0):
+    if not is_oblique(view):
         return {"scale": tuple(float(s) for s in np.diag(lin)), "translate": tuple(float(t) for t in aff[:3, 3])}
-    return {"affine": aff}
+    spacing = np.linalg.norm(lin, axis=0)
+    centre = (np.asarray(view.view_shape, dtype=np.float64) - 1.0) / 2.0
+    translate = lin @ centre + aff[:3, 3] - spacing * centre
+    return {"scale": tuple(float(s) for s in spacing), "translate": tuple(float(t) for t in translate)}
 
 
 def image_layer_data(volume, axis: str = "axial", name: str | None = None) -> tuple:
@@ -95,7 +112,8 @@ def image_layer_data(volume, axis: str = "axial", name: str | None = None) -> tu
     kwargs: dict[str, Any] = dict(layer_geometry(view))
     src = volume.source_path
     kwargs["name"] = name or (_scan_name(src) if src is not None else "scan")
-    kwargs["metadata"] = {META_VOLUME: volume, META_AXIS: axis, META_SOURCE: str(src) if src else None}
+    kwargs["metadata"] = {META_VOLUME: volume, META_AXIS: axis, META_SOURCE: str(src) if src else None,
+                          META_TRUE_AFFINE: np.asarray(view.display_affine, dtype=np.float64)}
     kwargs["colormap"] = "gray"
     if volume.modality == "CT":
         level, width = DEFAULT_CT_WINDOW
@@ -154,7 +172,8 @@ def labels_layer_data(labels_ijk: np.ndarray, volume, axis: str = "axial", *, na
     kwargs.update(
         name=name,
         metadata={META_VOLUME: volume, META_AXIS: axis, META_SOURCE: str(source) if source else None,
-                  META_NAMES: names, META_COLORS: colors},
+                  META_NAMES: names, META_COLORS: colors,
+                  META_TRUE_AFFINE: np.asarray(view.display_affine, dtype=np.float64)},
         colormap=colormap,
         features={"index": [0, *ids], "name": ["background", *(names[i] for i in ids)]},
         opacity=0.55,

@@ -28,6 +28,7 @@ class Task:
         self.finished = threading.Event()
         self.pbar = None
         self.described_at: float | None = None  # when the bar's text was last redrawn
+        self.reports = 0  # progress reports received (numbers them, see start_task)
 
     def cancel(self) -> None:
         self.cancel_event.set()
@@ -87,13 +88,26 @@ def start_task(
     task = Task(description)
     inline = inline_default() if inline is None else inline
 
+    making_bar = [False]
+
     def yielded(value):
+        task.reports += 1
+        mine = task.reports
         # The bar appears with the first progress report, so work that reports none (a re-prompt
         # on a cached slice, 30-40 ms) is not slowed by building one: a napari bar costs ~60 ms.
-        if task.pbar is None and not task.finished.is_set():
-            task.pbar = _progress_bar(description)
+        if task.pbar is None and not task.finished.is_set() and not making_bar[0]:
+            making_bar[0] = True
+            try:
+                task.pbar = _progress_bar(description)
+            finally:
+                making_bar[0] = False
+        # Building (or redrawing) napari's bar runs Qt events: later reports, even the end of the
+        # task, can be handled inside this call. A report overtaken that way, or arriving after
+        # the end, is dropped, so callbacks see reports in order and none after on_finish.
+        if mine < task.reports or task.finished.is_set():
+            return
         _update_bar(task, value)
-        if on_yield is not None:
+        if on_yield is not None and mine == task.reports and not task.finished.is_set():
             on_yield(value)
 
     def close():

@@ -11,10 +11,12 @@ Threading: model loading, slice encoding, propagation and precomputation run in 
 `thread_worker`s via `_tasks.start_task` (inline with MEDSAM_PLUGIN_INLINE=1). While a task runs
 the Labels layer is read-only, so the user's painting can never race a propagation.
 
-Labels: the session's `LabelVolume` is the truth. The napari Labels layer shows it plus, at most,
-one pending (not yet accepted) slice preview. Painting in the layer is pushed into the session
-(`LabelVolume.set_array`, undoable) before any engine call, so the engine's overlap rule
-(first claim wins) protects painted voxels from other objects' propagation.
+Labels: the session's `LabelVolume` is the truth, and the `MedSAM labels` layer shows exactly it.
+What is not accepted yet (a slice preview after S, the slices of a running propagation) is drawn
+in a layer of its own, `MedSAM pending` (as micro-sam's `current_object`), so a preview is never
+merged into the result and diffed back out, and a cancel only has to clear that layer. Painting
+in the Labels layer is pushed into the session (`SegmentationSession.paint`, undoable) before any
+engine call; the session keeps those brush edits through later propagations of the object.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from pathlib import Path
 
 import numpy as np
 from qtpy.QtCore import Qt
-from qtpy.QtGui import QColor, QIcon, QImage, QPainter, QPixmap
+from qtpy.QtGui import QColor, QIcon, QPixmap
 from qtpy.QtWidgets import (
     QCheckBox,
+    QColorDialog,
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
@@ -40,14 +43,20 @@ from qtpy.QtWidgets import (
     QLabel,
     QListWidget,
     QListWidgetItem,
+    QProgressBar,
     QPushButton,
     QVBoxLayout,
     QWidget,
 )
 
 from . import _autosave
-from ._reader import META_AXIS, META_COLORS, META_MODEL, META_NAMES, META_SOURCE, META_VOLUME, layer_geometry
+from ._reader import (META_AXIS, META_COLORS, META_MODEL, META_NAMES, META_SOURCE, META_TRUE_AFFINE, META_VOLUME,
+                      layer_geometry)
 from ..model.defaults import DEFAULT_MODEL
+from ._prompt_layers import prompts_on_slice
+# the review strip is its own module; its names stay importable from here
+from ._strip import (STRIP_EMPTY, STRIP_HEIGHT, STRIP_SEED, STRIP_WIDTH, ConfidenceStrip,  # noqa: F401
+                     confidence_color, render_confidence_strip)
 from ._tasks import Task, start_task
 
 log = logging.getLogger(__name__)
@@ -82,6 +91,15 @@ LAYER_FG = "MedSAM + points"
 LAYER_BG = "MedSAM - points"
 LAYER_BOX = "MedSAM boxes"
 LAYER_LABELS = "MedSAM labels"
+LAYER_PENDING = "MedSAM pending"  # what is shown but not accepted (micro-sam's current_object)
+LAYER_OVERLAPS = "MedSAM overlaps"  # "allow overlap": each object's voxels that another object holds
+LAYER_ORIENTATION = "MedSAM orientation"  # L/R/A/P (or S/I) markers at the slice's edges
+
+# overlap rule shown -> SegmentationSession.overlap (3D Slicer's Segment Editor choices)
+OVERLAP_CHOICES = {"overwrite none": "none", "overwrite all": "all", "allow overlap": "allow"}
+# letters at the (top, bottom, left, right) edges of a slice, per view axis (radiological display)
+EDGE_LETTERS = {"axial": ("A", "P", "R", "L"), "coronal": ("S", "I", "R", "L"), "sagittal": ("S", "I", "A", "P")}
+VOLUME_SUFFIX = "  —  "  # between an object's name and its volume in the list
 
 
 def _notify(kind: str, message: str) -> None:
@@ -95,75 +113,6 @@ def _swatch(rgb) -> QIcon:
     pix = QPixmap(14, 14)
     pix.fill(QColor(*[int(c) for c in rgb[:3]]))
     return QIcon(pix)
-
-
-STRIP_WIDTH = 260
-STRIP_HEIGHT = 18
-STRIP_EMPTY = QColor(60, 60, 60)  # slices the object does not hold (or holds only by painting)
-STRIP_SEED = QColor(70, 130, 255)  # slices the user prompted
-
-
-def confidence_color(confidence: float) -> QColor:
-    """Red (0) through yellow to green (1)."""
-    return QColor.fromHsv(int(round(120 * float(np.clip(confidence, 0.0, 1.0)))), 210, 235)
-
-
-def render_confidence_strip(confidence: dict[int, float], n_slices: int, seeds=(), reviewed=(),
-                            current: int | None = None, width: int = STRIP_WIDTH,
-                            height: int = STRIP_HEIGHT) -> QImage:
-    """One object's confidence along z: a cell per slice, slice 0 on the left.
-
-    Seeds are blue, propagated slices red-to-green by confidence, other slices dark grey;
-    reviewed slices carry a white tick along the bottom, the current slice a black frame.
-    A QImage, not a QPixmap: its colours are exact whatever the display's depth.
-    """
-    pix = QImage(width, height, QImage.Format_RGB32)
-    pix.fill(STRIP_EMPTY)
-    n = max(1, int(n_slices))
-    painter = QPainter(pix)
-    try:
-        def span(z):
-            x0 = int(round(z * width / n))
-            return x0, max(1, int(round((z + 1) * width / n)) - x0)
-
-        seeds = set(seeds)
-        for z, c in confidence.items():
-            x, w = span(z)
-            painter.fillRect(x, 0, w, height, STRIP_SEED if z in seeds else confidence_color(c))
-        for z in reviewed:
-            x, w = span(z)
-            painter.fillRect(x, height - 3, w, 3, QColor(255, 255, 255))
-        if current is not None and 0 <= current < n:
-            x, w = span(current)
-            painter.setPen(QColor(0, 0, 0))
-            painter.drawRect(x, 0, max(1, w - 1), height - 1)
-    finally:
-        painter.end()
-    return pix
-
-
-class ConfidenceStrip(QLabel):
-    """The review strip; a click on it shows that slice (`on_slice(z)`)."""
-
-    def __init__(self, on_slice):
-        super().__init__()
-        self.on_slice = on_slice
-        self.n_slices = 0
-        self.image: QImage | None = None  # what is shown, for tests and screenshots
-        self.setFixedSize(STRIP_WIDTH, STRIP_HEIGHT)
-        self.setToolTip("Per-slice confidence of the current object along z (slice 0 on the left): "
-                        "blue = your prompted slices, red to green = propagated slices from unsure to sure, "
-                        "grey = not in the object. White tick = reviewed. Click to go to a slice; "
-                        "G goes to the least confident slice not yet reviewed.")
-
-    def show_image(self, image: QImage, n_slices: int) -> None:
-        self.image, self.n_slices = image, n_slices
-        self.setPixmap(QPixmap.fromImage(image))
-
-    def mousePressEvent(self, event):  # noqa: N802 (Qt name)
-        if self.n_slices:
-            x = event.pos().x()
-            self.on_slice(int(np.clip(x * self.n_slices // max(1, self.width()), 0, self.n_slices - 1)))
 
 
 class MedSAMWidget(QWidget):
@@ -195,11 +144,15 @@ class MedSAMWidget(QWidget):
         self.fg_layer = None
         self.bg_layer = None
         self.box_layer = None
+        self.pending_layer = None
+        self.overlap_layer = None
+        self.orientation_layer = None
         self.current_label: int | None = None
         self.prompts: dict[int, dict] = {}  # label id -> {"fg": (N,3), "bg": (N,3), "boxes": [(4,3)]}
         self.pending = None  # (label id, SlicePrediction) shown but not accepted
         self.task: Task | None = None
         self.autosave_folder: Path | None = None
+        self.offered_folder: Path | None = None  # a copy of the autosave offered for restoring
         self.autosave_enabled = True
         self.timings: dict[str, list[float]] = {"segment_s": [], "propagation_step_s": []}
         self._propagated: set[int] = set()
@@ -277,15 +230,28 @@ class MedSAMWidget(QWidget):
         self.object_list.setMaximumHeight(120)
         self.object_list.currentItemChanged.connect(self._on_object_item)
         self.object_list.itemChanged.connect(self._on_object_renamed)
+        self.object_list.setToolTip("Tick: shown. Double-click: rename. The volume is each object's own voxels.")
         lay.addWidget(self.object_list)
         row = QHBoxLayout()
         for text, slot in (("Add [N]", lambda: self.add_object()), ("Rename", self._rename_clicked),
+                           ("Colour…", self._color_clicked), ("Lock", lambda: self.toggle_lock()),
                            ("Delete", lambda: self.delete_object())):
             b = QPushButton(text)
             b.clicked.connect(slot)
             row.addWidget(b)
         lay.addLayout(row)
+        row = QHBoxLayout()
+        self.overlap_combo = QComboBox()
+        self.overlap_combo.addItems(OVERLAP_CHOICES)
+        self.overlap_combo.setToolTip("What a new result may overwrite: nothing another object holds (overwrite "
+                                      "none), everything but locked objects (overwrite all), or nothing, while each "
+                                      "object keeps its full extent in its own layer and file (allow overlap).")
+        self.overlap_combo.currentTextChanged.connect(lambda text: self.set_overlap(OVERLAP_CHOICES[text]))
+        row.addWidget(QLabel("Overlap"))
+        row.addWidget(self.overlap_combo, 1)
+        lay.addLayout(row)
         root.addWidget(objects)
+        self.hidden: set[int] = set()  # objects not shown (their colour is transparent)
 
         prompts = QGroupBox("Prompts on the current slice")
         row = QHBoxLayout(prompts)
@@ -331,6 +297,12 @@ class MedSAMWidget(QWidget):
         self.cancel_btn.setEnabled(False)
         self.cancel_btn.clicked.connect(self.cancel)
         grid.addWidget(self.cancel_btn, 4, 2)
+        self.progress = QProgressBar()
+        self.progress.setVisible(False)
+        self.progress.setFormat("%v / %m")
+        grid.addWidget(self.progress, 5, 0, 1, 3)
+        self.progress_label = QLabel("")
+        grid.addWidget(self.progress_label, 6, 0, 1, 3)
         root.addWidget(actions)
 
         review = QGroupBox("Review")
@@ -360,6 +332,12 @@ class MedSAMWidget(QWidget):
         row.addWidget(self.per_object_check)
         row.addWidget(self.restore_btn)
         root.addWidget(export)
+        # The autosave offer lives in the panel, where napari's own notifications cannot hide it.
+        self.restore_banner = QLabel("")
+        self.restore_banner.setWordWrap(True)
+        self.restore_banner.setStyleSheet("background: #7a5c00; color: white; padding: 4px;")
+        self.restore_banner.setVisible(False)
+        root.addWidget(self.restore_banner)
 
         self.status = QLabel("Open a scan (File > Open, or File > Open Sample > MedSAM).")
         self.status.setWordWrap(True)
@@ -492,7 +470,9 @@ class MedSAMWidget(QWidget):
         self.reviewed.clear()
         self.current_label = None
         self.object_list.clear()
+        self.hidden.clear()
         self._make_layers()
+        self.session.set_overlap(OVERLAP_CHOICES[self.overlap_combo.currentText()])  # the panel's choice holds
         self._refresh_review()
         self._set_status(f"Scan: {volume.describe()}. Draw a box (or click points) on a slice, then press S.")
         self.autosave_folder = None
@@ -503,13 +483,27 @@ class MedSAMWidget(QWidget):
             except OSError:
                 self.autosave_folder = None
         self.restore_btn.setEnabled(False)
+        self.restore_banner.setVisible(False)
+        self.offered_folder = None
         if self.autosave_folder is not None and _autosave.exists(self.autosave_folder):
             if self.autosave_policy == "restore":
                 self.restore_autosave()
             elif self.autosave_policy == "ask":
+                try:  # new work autosaves beside it, never over it, until the user restores it
+                    self.offered_folder = _autosave.keep_offered(self.autosave_folder)
+                except OSError:
+                    self.offered_folder = self.autosave_folder
                 self.restore_btn.setEnabled(True)
-                _notify("info", f"Earlier work on '{Path(src).name}' was autosaved: press 'Restore autosave' in "
-                                "the MedSAM panel to bring it back (new work will replace it).")
+                when = ""
+                try:
+                    when = " on " + _autosave.load(self.offered_folder)[1].get("saved_at", "")
+                except Exception:
+                    pass
+                text = (f"Earlier work on '{Path(src).name}' was autosaved{when}. Press 'Restore autosave' to "
+                        "bring it back; it stays available while you work.")
+                self.restore_banner.setText(text)
+                self.restore_banner.setVisible(True)
+                _notify("info", text)
         return True
 
     def _layer_kwargs(self) -> dict:
@@ -517,16 +511,24 @@ class MedSAMWidget(QWidget):
 
     def _make_layers(self) -> None:
         """Create (or reset) the Labels and prompt layers over the session's scan."""
-        for name in (LAYER_LABELS, LAYER_BOX, LAYER_BG, LAYER_FG):
+        for name in (LAYER_LABELS, LAYER_PENDING, LAYER_OVERLAPS, LAYER_ORIENTATION, LAYER_BOX, LAYER_BG, LAYER_FG):
             if name in self.viewer.layers:
                 self.viewer.layers.remove(name)
         geo = self._layer_kwargs()
         s = self.session
-        meta = {META_VOLUME: s.volume, META_AXIS: s.view.axis, META_NAMES: {}, META_COLORS: {}}
+        meta = {META_VOLUME: s.volume, META_AXIS: s.view.axis, META_NAMES: {}, META_COLORS: {},
+                META_TRUE_AFFINE: np.asarray(s.view.display_affine, dtype=np.float64)}
         self._updating = True
         try:
             self.labels_layer = self.viewer.add_labels(s.labels.array.copy(), name=LAYER_LABELS, metadata=meta,
                                                        opacity=0.55, **geo)
+            self.pending_layer = self.viewer.add_labels(np.zeros_like(s.labels.array), name=LAYER_PENDING,
+                                                        opacity=0.75, **geo)
+            self.pending_layer.editable = False  # previews are made by the model, never painted
+            self.overlap_layer = self.viewer.add_labels(np.zeros_like(s.labels.array), name=LAYER_OVERLAPS,
+                                                        opacity=0.55, visible=False, **geo)
+            self.overlap_layer.editable = False
+            self.orientation_layer = self._add_orientation_markers(geo)
             self.box_layer = self.viewer.add_shapes(ndim=3, name=LAYER_BOX, edge_color="yellow", face_color="transparent",
                                                     edge_width=1.5, **geo)
             self.bg_layer = self.viewer.add_points(ndim=3, name=LAYER_BG, face_color="red", size=6,
@@ -538,10 +540,37 @@ class MedSAMWidget(QWidget):
         for layer in (self.box_layer, self.bg_layer, self.fg_layer):
             layer.projection_mode = "none"
         self.labels_layer.events.paint.connect(self._on_paint)
-        for layer in (self.labels_layer, self.box_layer, self.bg_layer, self.fg_layer, self.image_layer):
+        for layer in (self.labels_layer, self.pending_layer, self.box_layer, self.bg_layer, self.fg_layer,
+                      self.image_layer):
             self._bind_keys(layer)
         self.box_layer.mode = "add_rectangle"
         self.viewer.layers.selection.active = self.box_layer
+        # The slider names what it moves through (napari's default label is "-3").
+        self.viewer.dims.axis_labels = ("slice", *self.viewer.dims.axis_labels[1:])
+        from qtpy.QtCore import QTimer
+
+        # Once the dock has taken its room, fit the scan into what is left of the canvas.
+        QTimer.singleShot(0, self._fit_view)
+
+    def _fit_view(self) -> None:
+        try:
+            self.viewer.reset_view()
+        except Exception:  # the viewer is closing
+            pass
+
+    def _add_orientation_markers(self, geo: dict):
+        """A 2D Points layer of text only: the patient directions at the four edges of every slice."""
+        _, h, w = self.session.shape_zyx
+        top, bottom, left, right = EDGE_LETTERS.get(self.session.view.axis, EDGE_LETTERS["axial"])
+        pad = 0.04 * max(h, w)  # just inside the slice's edges, where the canvas never clips them
+        yx = np.array([[pad, (w - 1) / 2], [h - 1 - pad, (w - 1) / 2], [(h - 1) / 2, pad], [(h - 1) / 2, w - 1 - pad]])
+        layer = self.viewer.add_points(
+            yx, name=LAYER_ORIENTATION, size=0.01, face_color="transparent", border_width=0,
+            features={"letter": [top, bottom, left, right]},
+            text={"string": "{letter}", "color": "yellow", "size": 14, "anchor": "center"},
+            scale=geo["scale"][1:], translate=geo["translate"][1:])
+        layer.editable = False
+        return layer
 
     # ================================================================== settings
     def model_name(self) -> str:
@@ -629,11 +658,17 @@ class MedSAMWidget(QWidget):
         objs = self.session.labels.objects
         self.object_list.blockSignals(True)
         self.object_list.clear()
+        voxel_ml = self.voxel_ml()
+        counts = np.bincount(self.session.labels.array.ravel(), minlength=max(objs, default=0) + 1)
         for label_id, obj in sorted(objs.items()):
-            item = QListWidgetItem(_swatch(obj.color), f"{obj.name}")
+            ml = float(counts[label_id]) * voxel_ml if self.session.overlap != "allow" else \
+                float(self.session.object_mask(label_id).sum()) * voxel_ml
+            lock = " · locked" if label_id in self.session.locked else ""
+            item = QListWidgetItem(_swatch(obj.color), f"{obj.name}{VOLUME_SUFFIX}{ml:.1f} mL{lock}")
             item.setData(Qt.UserRole, label_id)
-            item.setToolTip(f"label id {label_id}")
-            item.setFlags(item.flags() | Qt.ItemIsEditable)
+            item.setToolTip(f"label id {label_id}; {ml:.2f} mL")
+            item.setFlags(item.flags() | Qt.ItemIsEditable | Qt.ItemIsUserCheckable)
+            item.setCheckState(Qt.Unchecked if label_id in self.hidden else Qt.Checked)
             self.object_list.addItem(item)
             if label_id == self.current_label:
                 self.object_list.setCurrentItem(item)
@@ -641,8 +676,12 @@ class MedSAMWidget(QWidget):
         if self.labels_layer is not None:
             colors = {None: np.array([1.0, 1.0, 1.0, 1.0]), 0: np.zeros(4)}
             for label_id, obj in objs.items():
-                colors[label_id] = np.array([*(c / 255.0 for c in obj.color[:3]), 1.0])
+                alpha = 0.0 if label_id in self.hidden else 1.0
+                colors[label_id] = np.array([*(c / 255.0 for c in obj.color[:3]), alpha])
             self.labels_layer.colormap = DirectLabelColormap(color_dict=colors)
+            self.pending_layer.colormap = DirectLabelColormap(color_dict=colors)
+            if self.overlap_layer is not None:
+                self.overlap_layer.colormap = DirectLabelColormap(color_dict=colors)
             self.labels_layer.metadata[META_NAMES] = {k: o.name for k, o in objs.items()}
             self.labels_layer.metadata[META_COLORS] = {k: tuple(o.color) for k, o in objs.items()}
             self.labels_layer.metadata[META_MODEL] = self.model_name()  # a DICOM SEG names the algorithm's model
@@ -656,15 +695,71 @@ class MedSAMWidget(QWidget):
             return None
         obj = self.session.add_object(name=name)
         self.select_object(obj.label_id)
+        self._autosave()
         self._set_status(f"New object '{obj.name}' (label {obj.label_id}): box or click it on a slice, then press S.")
         return obj.label_id
 
     def rename_object(self, label_id: int, name: str) -> None:
         if self.session is None or label_id not in self.session.labels.objects or not name.strip():
             return
-        self.session.labels.objects[label_id].name = name.strip()
+        self.session.rename(label_id, name)
         self._refresh_objects()
         self._autosave()
+
+    def voxel_ml(self) -> float:
+        """The volume of one voxel in millilitres."""
+        spacing = np.linalg.norm(np.asarray(self.session.view.view_affine, dtype=np.float64)[:3, :3], axis=0)
+        return float(np.prod(spacing)) / 1000.0
+
+    def object_volume_ml(self, label_id: int) -> float:
+        return float(self.session.object_mask(label_id).sum()) * self.voxel_ml()
+
+    def set_object_visible(self, label_id: int, visible: bool) -> None:
+        """Show or hide one object in the Labels layer (its voxels stay; export is unchanged)."""
+        (self.hidden.discard if visible else self.hidden.add)(int(label_id))
+        self._refresh_objects()
+
+    def toggle_lock(self, label_id: int | None = None, locked: bool | None = None) -> None:
+        """Lock an object (nothing may change it: no segmenting, propagating, painting, clearing, nor
+        overwriting by others) or unlock it."""
+        if self.session is None:
+            return
+        label_id = self.current_label if label_id is None else int(label_id)
+        if label_id not in self.session.labels.objects:
+            return
+        locked = (label_id not in self.session.locked) if locked is None else locked
+        (self.session.locked.add if locked else self.session.locked.discard)(label_id)
+        self._refresh_objects()
+        name = self.session.labels.objects[label_id].name
+        self._set_status(f"'{name}' is locked: nothing changes it until you unlock it." if locked
+                         else f"'{name}' is unlocked.")
+
+    def set_object_color(self, label_id: int, rgb) -> None:
+        if self.session is None or label_id not in self.session.labels.objects:
+            return
+        self.session.labels.objects[label_id].color = tuple(int(c) for c in rgb[:3])
+        self._refresh_objects()
+        self._autosave()
+
+    def _color_clicked(self) -> None:
+        if self.session is None or self.current_label is None:
+            return
+        color = QColorDialog.getColor(QColor(*self._color(self.current_label)[:3]), self, "Object colour")
+        if color.isValid():
+            self.set_object_color(self.current_label, (color.red(), color.green(), color.blue()))
+
+    def set_overlap(self, mode: str) -> None:
+        """The overlap rule for new results: "none", "all" or "allow" (see OVERLAP_CHOICES)."""
+        if self.session is None:
+            return
+        self.session.set_overlap(mode)
+        text = {v: k for k, v in OVERLAP_CHOICES.items()}[mode]
+        if self.overlap_combo.currentText() != text:
+            self.overlap_combo.blockSignals(True)
+            self.overlap_combo.setCurrentText(text)
+            self.overlap_combo.blockSignals(False)
+        self._refresh_objects()
+        self._show_labels()
 
     def _rename_clicked(self) -> None:
         if self.current_label is None or self.session is None:
@@ -676,8 +771,16 @@ class MedSAMWidget(QWidget):
 
     def _on_object_renamed(self, item) -> None:
         label_id = item.data(Qt.UserRole)
-        if label_id is not None:
-            self.rename_object(int(label_id), item.text())
+        if label_id is None or self.session is None or int(label_id) not in self.session.labels.objects:
+            return
+        label_id = int(label_id)
+        visible = item.checkState() == Qt.Checked
+        if visible == (label_id in self.hidden):  # the tick box changed
+            self.set_object_visible(label_id, visible)
+            return
+        name = item.text().split(VOLUME_SUFFIX)[0]
+        if name != self.session.labels.objects[label_id].name:
+            self.rename_object(label_id, name)
 
     def delete_object(self, label_id: int | None = None) -> None:
         """Remove an object and its voxels (the voxel removal is undoable)."""
@@ -768,27 +871,9 @@ class MedSAMWidget(QWidget):
 
     def _prompts_on_slice(self, z: int):
         """(points_yx (N,2), point_labels (N,), box_xyxy or None) of the prompt layers on slice z."""
-        pts, labs = [], []
-        for layer, lab in ((self.fg_layer, 1), (self.bg_layer, 0)):
-            data = np.asarray(layer.data, dtype=np.float64).reshape(-1, 3)
-            on = data[np.round(data[:, 0]).astype(int) == z]
-            pts.append(on[:, 1:])
-            labs.append(np.full(len(on), lab, dtype=np.int64))
-        points_yx = np.concatenate(pts) if pts else np.zeros((0, 2))
-        labels = np.concatenate(labs) if labs else np.zeros(0, np.int64)
-        box = None
-        for shape in self.box_layer.data:  # the latest box on this slice wins
-            s = np.asarray(shape, dtype=np.float64)
-            if s.shape[1] == 3 and np.all(np.round(s[:, 0]).astype(int) == z):
-                h, w = self.session.shape_zyx[1:]
-                y0, y1 = np.clip([s[:, 1].min(), s[:, 1].max()], 0, h - 1)
-                x0, x1 = np.clip([s[:, 2].min(), s[:, 2].max()], 0, w - 1)
-                box = np.array([x0, y0, x1, y1], dtype=np.float32)
-        if len(points_yx):
-            h, w = self.session.shape_zyx[1:]
-            inside = (points_yx[:, 0] >= 0) & (points_yx[:, 0] <= h - 1) & (points_yx[:, 1] >= 0) & (points_yx[:, 1] <= w - 1)
-            points_yx, labels = points_yx[inside], labels[inside]
-        return (points_yx if len(points_yx) else None), (labels if len(labels) else None), box
+        points_yx, labels, box, self._box_note = prompts_on_slice(
+            self.fg_layer.data, self.bg_layer.data, self.box_layer.data, z, self.session.shape_zyx[1:])
+        return points_yx, labels, box
 
     def add_box(self, box_xyxy, z: int | None = None) -> None:
         """Add a box prompt (x0, y0, x1, y1 slice pixels) on slice z (default: the current one)."""
@@ -827,37 +912,56 @@ class MedSAMWidget(QWidget):
             self.box_layer.add_rectangles(keep, edge_color="yellow", face_color="transparent", edge_width=1.5)
 
     # ================================================================== labels display and painting
-    def _expected_layer(self) -> np.ndarray:
-        """What the Labels layer should show: the session's labels plus the pending preview."""
-        arr = self.session.labels.array.copy()
-        if self.pending is not None:
-            label_id, pred = self.pending
-            arr[pred.z] = self._preview_slice(label_id, pred.z, pred.mask_yx)
-        return arr
+    def _preview_slice(self, label_id: int, mask_yx: np.ndarray) -> np.ndarray:
+        """A pending-layer slice: `label_id` where `mask_yx` is set (what accepting it would try to claim)."""
+        return np.where(mask_yx, label_id, 0).astype(self.pending_layer.data.dtype)
 
-    def _preview_slice(self, label_id: int, z: int, mask_yx: np.ndarray) -> np.ndarray:
-        """Slice z of the labels with `mask_yx` applied for `label_id` under the overlap rule."""
-        current = self.session.labels.array[z].copy()
-        current[current == label_id] = 0
-        current[mask_yx & (current == 0)] = label_id
-        return current
+    def pending_layer_shows(self) -> bool:
+        """Whether anything not accepted is on screen."""
+        return self.pending_layer is not None and bool(np.asarray(self.pending_layer.data).any())
 
     def _show_labels(self) -> None:
-        """Copy the session's labels (and pending preview) into the Labels layer."""
+        """Show the session's labels in the Labels layer, and only the pending preview in the pending layer."""
         if self.labels_layer is None:
             return
         self._updating = True
         try:
-            self.labels_layer.data[...] = self._expected_layer()
+            self.labels_layer.data[...] = self.session.labels.array
             self.labels_layer.refresh()
+            pend = self.pending_layer.data
+            if pend.any():
+                pend[...] = 0
+            if self.pending is not None:
+                label_id, pred = self.pending
+                pend[pred.z] = self._preview_slice(label_id, pred.mask_yx)
+            self.pending_layer.refresh()
+            self._show_overlaps()
         finally:
             self._updating = False
 
-    def _show_slice(self, z: int, slice_yx: np.ndarray) -> None:
+    def _show_overlaps(self) -> None:
+        """"allow overlap": show each object's voxels that the label map gives to another object."""
+        layer = self.overlap_layer
+        if layer is None:
+            return
+        over = layer.data
+        if over.any():
+            over[...] = 0
+        for label_id, by_z in self.session.overlaps.items():
+            for z, extra in by_z.items():
+                over[z][extra] = label_id
+        layer.visible = self.session.overlap == "allow" and bool(over.any())
+        layer.refresh()
+
+    def _show_pending_slice(self, z: int, slice_yx: np.ndarray, only: bool = False) -> None:
+        """Draw slice z of the pending layer (with `only`, clear the rest first)."""
         self._updating = True
         try:
-            self.labels_layer.data[z] = slice_yx
-            self.labels_layer.refresh()
+            pend = self.pending_layer.data
+            if only and pend.any():
+                pend[...] = 0
+            pend[z] = slice_yx
+            self.pending_layer.refresh()
         finally:
             self._updating = False
 
@@ -880,12 +984,29 @@ class MedSAMWidget(QWidget):
         if self.session is None or self.labels_layer is None:
             return 0
         data = np.asarray(self.labels_layer.data)
-        expected = self._expected_layer()
-        if np.array_equal(data, expected):
+        painted = data != self.session.labels.array
+        if not painted.any():
             return 0
-        if self.pending is not None:  # painting over a preview accepts it first
+        if self.session.locked:
+            locked = list(self.session.locked)
+            touched = painted & (np.isin(self.session.labels.array, locked) | np.isin(data, locked))
+            if touched.any():  # put a locked object's voxels back as they were
+                self._updating = True
+                try:
+                    self.labels_layer.data[touched] = self.session.labels.array[touched]
+                    self.labels_layer.refresh()
+                finally:
+                    self._updating = False
+                _notify("warning", "Painting does not change a locked object: unlock it first (Lock).")
+                data = np.asarray(self.labels_layer.data)
+                painted = data != self.session.labels.array
+                if not painted.any():
+                    return 0
+        if self.pending is not None:  # painting while a preview shows accepts it first
             self._accept_pending()
-        changed = self.session.labels.set_array(data.astype(self.session.labels.array.dtype), what="paint")
+            data = np.where(painted, data, self.session.labels.array)  # the brush strokes win over it
+        # session.paint remembers each object's brush edits, so a later propagation keeps them
+        changed = self.session.paint(data, what="paint")
         self._refresh_objects()
         return changed
 
@@ -905,9 +1026,18 @@ class MedSAMWidget(QWidget):
 
     def _run(self, make_gen, description, on_yield=None, on_return=None, on_finish=None):
         self._set_busy(True, description)
+        started = time.perf_counter()
+        self.progress.setRange(0, 0)
+        self.progress_label.setText(description)
+
+        def yielded(progress):
+            self._show_progress(progress, started)
+            if on_yield is not None:
+                on_yield(progress)
 
         def on_error(exc):
             log.exception("%s failed", description, exc_info=exc)
+            self._set_status(f"{description} failed: {exc}")  # not a stale "…ing" line
             _notify("error", f"{description} failed: {exc}")
 
         def finished(cancelled):
@@ -915,11 +1045,27 @@ class MedSAMWidget(QWidget):
             if on_finish is not None:
                 on_finish(cancelled)
 
-        self.task = start_task(make_gen, description, on_yield=on_yield, on_return=on_return, on_error=on_error,
+        self.task = start_task(make_gen, description, on_yield=yielded, on_return=on_return, on_error=on_error,
                                on_finish=finished, inline=self.inline)
         return self.task
 
+    def _show_progress(self, progress, started: float) -> None:
+        """The panel's bar: slices done of about how many, and the time left at the pace so far."""
+        done, total = getattr(progress, "done", None), getattr(progress, "total", None)
+        if done is None or not total:
+            return
+        self.progress.setRange(0, int(total))
+        self.progress.setValue(min(int(done), int(total)))
+        elapsed = time.perf_counter() - started
+        left = elapsed / done * (total - done) if done else None
+        eta = f", about {left:.0f} s left" if left is not None and done < total else ""
+        # the engine's message names the slice ("slice 19"); the count is of slices to visit
+        self.progress_label.setText(f"{getattr(progress, 'message', '') or 'working'}: {int(done)} of "
+                                    f"~{int(total)} slices{eta}")
+
     def _set_busy(self, busy: bool, description: str = "") -> None:
+        self.progress.setVisible(busy)
+        self.progress_label.setVisible(busy)
         self.cancel_btn.setEnabled(busy)
         for b in self.buttons.values():
             b.setEnabled(not busy)
@@ -972,12 +1118,18 @@ class MedSAMWidget(QWidget):
             return None
         t0 = time.perf_counter()
         self._sync_paint()
-        label_id = self._ensure_object()
         z = self.current_z()
         points_yx, point_labels, box = self._prompts_on_slice(z)
         if points_yx is None and box is None:
             _notify("warning", f"Slice {z} has no prompt: draw a box around the structure (Box tool) or click "
                                "inside it (+ Point tool), then press S.")
+            return None
+        if self._box_note == "outside":
+            _notify("warning", f"The box on slice {z} lies (almost) outside the image: draw it around the "
+                               "structure inside the scan, then press S.")
+            return None
+        label_id = self._ensure_object()  # only now: a refused S must not leave an empty object behind
+        if self._refuse_locked(label_id):
             return None
         if self.pending is not None and self.pending[1].z == z and self.pending[0] == label_id and box is None:
             self._accept_pending()  # refine what is shown rather than start over
@@ -1000,26 +1152,44 @@ class MedSAMWidget(QWidget):
             return session.segment_slice(label_id, z, points_yx=points_yx, point_labels=point_labels, box_xyxy=box,
                                          use_current_mask=correction, commit=False)
 
+        box_note = self._box_note
+
         def done(pred):
+            if self.session is not session:  # the scan was closed meanwhile
+                return
             self._remember_model()
             if self.pending is not None and (self.pending[0], self.pending[1].z) != (label_id, z):
                 self._accept_pending()  # moving on from an unaccepted slice keeps it
             self.pending = (label_id, pred)
-            self._show_slice(z, self._preview_slice(label_id, z, pred.mask_yx))
+            self._show_pending_slice(z, self._preview_slice(label_id, pred.mask_yx), only=True)
+            self._autosave()  # the object in progress survives a crash
             dt = time.perf_counter() - t0
             self.timings["segment_s"].append(dt)
             what = "corrected" if correction else "segmented"
-            self._set_status(f"Slice {z} {what} ({int(pred.mask_yx.sum())} px, predicted IoU {pred.iou:.2f}, "
+            clipped = " (the box was clipped to the image)" if box_note == "clipped" else ""
+            self._set_status(f"Slice {z} {what}{clipped} ({int(pred.mask_yx.sum())} px, predicted IoU {pred.iou:.2f}, "
                              f"{dt * 1000:.0f} ms). A accepts, P propagates, more clicks refine.")
             if correction and label_id in self._propagated and self.repropagate_check.isChecked():
-                self._accept_pending()
+                self.pending = None  # the session takes it as the correction's seed
                 from qtpy.QtCore import QTimer
 
-                # Only the neighbours the correction really changes are redone.
-                QTimer.singleShot(0, lambda: self.propagate("both", from_slice=z))
+                # Only the neighbours the correction really changes are redone; one undo step for all.
+                QTimer.singleShot(0, lambda: self.propagate("both", from_slice=z, correction=pred))
 
         self._run(work, f"Segmenting slice {z}", on_return=done)
         return self.task
+
+    def _withheld_note(self, label_id) -> str:
+        """A sentence on what the overlap rule kept from the object's last commit (and a warning when it
+        kept everything), or ""."""
+        s = self.session
+        if label_id is None or label_id not in s.labels.objects:
+            return ""
+        note = s.withheld_sentence(label_id)
+        if note and s.overlap != "allow" and not (s.labels.array == label_id).any():
+            note = f"'{s.labels.objects[label_id].name}' got no voxel: " + note
+            _notify("warning", note)
+        return note + " " if note else ""
 
     def _model_reads_points(self) -> bool:
         """Whether the chosen model was trained on point prompts (from its spec; loads nothing)."""
@@ -1031,15 +1201,30 @@ class MedSAMWidget(QWidget):
             spec = REGISTRY.get(self.model_name())
         return spec is None or "points" in getattr(spec, "prompts", ("box", "points"))  # unknown files: no warning
 
+    def _refuse_locked(self, label_id) -> bool:
+        if self.session is not None and label_id in self.session.locked:
+            _notify("warning", f"'{self.session.labels.objects[label_id].name}' is locked: unlock it (Lock) to change it.")
+            return True
+        return False
+
     def _accept_pending(self) -> bool:
         if self.pending is None:
             return False
         label_id, pred = self.pending
         self.pending = None
-        if label_id in self.session.labels.objects:
+        accepted = label_id in self.session.labels.objects and label_id not in self.session.locked
+        if accepted:
             self.session.accept(label_id, pred)
-            return True
-        return False
+        # The Labels layer must show what the session now holds, or the next sync takes it for paint.
+        self._updating = True
+        try:
+            self.labels_layer.data[pred.z] = self.session.labels.array[pred.z]
+            self.labels_layer.refresh()
+            self.pending_layer.data[pred.z] = 0
+            self.pending_layer.refresh()
+        finally:
+            self._updating = False
+        return accepted
 
     def _drop_pending(self) -> None:
         if self.pending is not None:
@@ -1051,30 +1236,40 @@ class MedSAMWidget(QWidget):
         if not self._ready("accept a result"):
             return
         self._sync_paint()
+        label_id = self.pending[0] if self.pending is not None else None
         if self._accept_pending():
             self._show_labels()
+            self._refresh_objects()
             self._autosave()
-            self._set_status("Accepted. Propagate with P (both), U (up) or D (down).")
+            self._set_status(f"Accepted. {self._withheld_note(label_id)}Propagate with P (both), U (up) or D (down).")
         else:
             self._set_status("Nothing to accept: segment a slice first (S).")
 
     # ================================================================== propagate
-    def propagate(self, direction: str = "both", from_slice: int | None = None):
+    def propagate(self, direction: str = "both", from_slice: int | None = None, correction=None):
         """Propagate the current object from its seeds (up, down or both), slice by slice.
 
         from_slice: after a correction there, re-propagate outwards only until the result agrees.
+        correction: the corrected slice's SlicePrediction (on `from_slice`): accepted with the
+            re-propagation as one undo step (`SegmentationSession.correct`).
         """
         if not self._ready("propagate"):
             return None
         self._sync_paint()
+        if self.pending is None and (self.current_label is None or not self.session.seeds.get(self.current_label)):
+            # nothing to work on: say so, and do not create an empty object
+            _notify("warning", "This object has no segmented slice yet: box it on one slice, press S, then propagate.")
+            return None
         label_id = self._ensure_object()
+        if self._refuse_locked(label_id):
+            return None
         self._accept_pending()
-        if not self.session.seeds.get(label_id):
+        if correction is None and not self.session.seeds.get(label_id):
             _notify("warning", "This object has no segmented slice yet: box it on one slice, press S, then propagate.")
             return None
         session = self.session
         self._show_labels()
-        state = {"last": None}
+        state = {"last": None, "result": None, "task": None}
 
         def work(cancel):
             from ..engine.propagation import Progress
@@ -1084,21 +1279,38 @@ class MedSAMWidget(QWidget):
                 session.predictor  # noqa: B018
             state["last"] = time.perf_counter()
             # The session adds the object's stop slices to its stop rules itself.
-            result = yield from session.propagate(label_id, direction=direction, cancel=cancel,
-                                                  from_slice=from_slice)
+            if correction is not None:
+                result = yield from session.correct(label_id, correction, direction=direction, cancel=cancel)
+            else:
+                result = yield from session.propagate(label_id, direction=direction, cancel=cancel,
+                                                      from_slice=from_slice)
+            state["result"] = result  # committed: a Cancel arriving now is too late to undo it
             return result
 
+        def live() -> bool:
+            # Nothing of a cancelled run, or of a run on a scan since closed, may reach the layer.
+            task = state["task"]
+            return self.session is session and not (task is not None and task.cancel_event.is_set())
+
         def step(progress):
-            if progress.z is None or progress.prediction is None:
+            if progress.z is None or progress.prediction is None or not live():
                 return
             now = time.perf_counter()
             if state["last"] is not None:
                 self.timings["propagation_step_s"].append(now - state["last"])
-            self._show_slice(progress.z, self._preview_slice(label_id, progress.z, progress.prediction.mask_yx))
+            self._show_pending_slice(progress.z, self._preview_slice(label_id, progress.prediction.mask_yx))
             state["last"] = time.perf_counter()
 
         def done(result):
+            if self.session is not session:
+                return
             self._remember_model()
+            if result is None:  # a correction on an object the session had not propagated: the slice only
+                self._show_labels()
+                self._refresh_objects()
+                self._autosave()
+                self._set_status(f"Slice {correction.z} corrected. Propagate with P.")
+                return
             self._propagated.add(label_id)
             # Slices this run rewrote need a new look; the others keep their review mark.
             self.reviewed.setdefault(label_id, set()).difference_update(result.predictions)
@@ -1107,16 +1319,24 @@ class MedSAMWidget(QWidget):
             self._autosave()
             zs = result.slices
             why = "; ".join(f"{k}: {v}" for k, v in result.stopped.items())
+            self._refresh_objects()
             self._set_status(f"Propagated to slices {zs[0]}–{zs[-1]} ({len(zs)} slices). {why}. "
-                             "Click points on a slice to correct it (S), or paint.")
+                             f"{self._withheld_note(label_id)}Click points on a slice to correct it (S), or paint.")
 
         def finish(cancelled):
-            if cancelled:
+            if self.session is not session:
+                return
+            if cancelled and state["result"] is not None:
+                # The run had committed before the cancel reached it: say so, and keep it undoable.
+                done(state["result"])
+                self._set_status(self.status.text() + " (Cancel came after the last slice; Ctrl+Z takes it back.)")
+            elif cancelled:
                 self._show_labels()  # the engine committed nothing: show the labels as they were
-                self._set_status("Propagation cancelled: the labels are as they were before.")
-                _notify("info", "Propagation cancelled: the labels are as they were before.")
+                kept = f" except the corrected slice {correction.z}" if correction is not None else ""
+                self._set_status(f"Propagation cancelled: the labels are as they were before{kept}.")
+                _notify("info", f"Propagation cancelled: the labels are as they were before{kept}.")
 
-        self._run(work, f"Propagating {direction}", on_yield=step, on_return=done, on_finish=finish)
+        state["task"] = self._run(work, f"Propagating {direction}", on_yield=step, on_return=done, on_finish=finish)
         return self.task
 
     def stop_here(self) -> None:
@@ -1124,7 +1344,12 @@ class MedSAMWidget(QWidget):
         if not self._ready("stop the object here"):
             return
         self._sync_paint()
+        if self.current_label is None:
+            _notify("warning", "Choose or add an object first: X ends the selected object at this slice.")
+            return
         label_id = self._ensure_object()
+        if self._refuse_locked(label_id):
+            return
         self._accept_pending()
         z = self.current_z()
         self.session.stop_here(label_id, z)  # also records z as the object's stop slice
@@ -1238,16 +1463,16 @@ class MedSAMWidget(QWidget):
         if self.current_label is None:
             return
         label_id = self.current_label
+        if self._refuse_locked(label_id):
+            return
         self._drop_pending()
-        self.session.clear_object(label_id)
-        for z in sorted(self.session.stop_slices.get(label_id, ())):
-            self.session.mark_stop(label_id, z, stop=False)
+        self.session.clear_object(label_id)  # also forgets its stop slices
         self._propagated.discard(label_id)
         self.reviewed.pop(label_id, None)
         self.prompts.pop(label_id, None)
         self._load_prompts(None)
         self._show_labels()
-        self._refresh_review()
+        self._refresh_objects()
         self._autosave()
         self._set_status("Object cleared (Ctrl+Z brings the voxels back).")
 
@@ -1268,6 +1493,8 @@ class MedSAMWidget(QWidget):
             return n
 
         def done(n):
+            if self.session is not session:
+                return
             self._remember_model()
             self._set_status(f"Embeddings ready ({n} slices encoded): prompts now only decode.")
 
@@ -1286,6 +1513,9 @@ class MedSAMWidget(QWidget):
             return None
         self._sync_paint()
         self._accept_pending()
+        if not self.session.labels.array.any():
+            _notify("warning", "There is nothing to export yet: segment an object (box, S, P) or paint one first.")
+            return None
         if path is None:
             start = ""
             src = self.session.volume.source_path
@@ -1312,25 +1542,23 @@ class MedSAMWidget(QWidget):
         return written
 
     def _state(self) -> dict:
+        """The session's state (`SegmentationSession.to_state`) plus what only the panel holds: the current
+        object, its prompts, and the slice result not accepted yet (so a kill loses no object in progress)."""
         self._store_prompts()
-        s = self.session
-        return {
-            "format": "medsam_plugin.autosave/1",
-            "scan": str(s.volume.source_path) if s.volume.source_path else None,
-            "axis": s.view.axis,
-            "objects": [{"label_id": k, "name": o.name, "color": list(o.color)} for k, o in s.labels.objects.items()],
-            "current": self.current_label,
-            "prompts": {str(k): {"fg": v["fg"], "bg": v["bg"], "boxes": v["boxes"]} for k, v in self.prompts.items()},
-            "stop_slices": {str(k): sorted(s.stop_slices.get(k, ())) for k in s.labels.objects},
-            "seed_slices": {str(k): sorted(v) for k, v in s.seeds.items()},
-        }
+        state = dict(self.session.to_state(), format="medsam_plugin.autosave/2", current=self.current_label,
+                     prompts={str(k): {"fg": v["fg"], "bg": v["bg"], "boxes": v["boxes"]}
+                              for k, v in self.prompts.items()})
+        if self.pending is not None:
+            label_id, pred = self.pending
+            state["pending"] = {"label_id": int(label_id), "z": int(pred.z), "iou": float(pred.iou),
+                                "yx": np.argwhere(pred.mask_yx).tolist()}
+        return state
 
     def _autosave(self) -> None:
         if not self.autosave_enabled or self.autosave_folder is None or self.session is None:
             return
         try:
             _autosave.save(self.autosave_folder, self.session.labels.array, self._state())
-            self.restore_btn.setEnabled(False)
         except Exception as exc:  # autosave must never break the work itself
             log.warning("autosave failed: %s", exc)
             _notify("warning", f"Autosave to {self.autosave_folder} failed ({exc}); export your work "
@@ -1340,11 +1568,12 @@ class MedSAMWidget(QWidget):
         """Bring back the autosaved labels, objects and prompts of this scan (undoable labels)."""
         if not self._ready("restore the autosave"):
             return False
-        if self.autosave_folder is None or not _autosave.exists(self.autosave_folder):
+        folder = getattr(self, "offered_folder", None) or self.autosave_folder
+        if folder is None or not _autosave.exists(folder):
             _notify("info", "There is no autosave for this scan.")
             return False
         try:
-            labels, state = _autosave.load(self.autosave_folder)
+            labels, state = _autosave.load(folder)
         except Exception as exc:
             _notify("error", f"The autosave in {self.autosave_folder} could not be read ({exc}); it was left as is.")
             return False
@@ -1352,36 +1581,39 @@ class MedSAMWidget(QWidget):
             _notify("warning", "The autosave does not match this scan's size; it was not restored.")
             return False
         s = self.session
-        for obj in state.get("objects", []):
-            lid = int(obj["label_id"])
-            if lid not in s.labels.objects:
-                s.add_object(name=obj.get("name"), label_id=lid, color=tuple(obj.get("color") or ()) or None)
-            else:
-                s.labels.objects[lid].name = obj.get("name", s.labels.objects[lid].name)
-        s.labels.set_array(labels.astype(s.labels.array.dtype), what="restore autosave")
+        self._drop_pending()
+        s.from_state(labels, state)  # objects, voxels, seeds, stop slices, overlap rule, locks
+        self._propagated = set(int(k) for k in state.get("propagated", []))
         self.prompts = {
             int(k): {"fg": np.asarray(v.get("fg", []), dtype=np.float64).reshape(-1, 3),
                      "bg": np.asarray(v.get("bg", []), dtype=np.float64).reshape(-1, 3),
                      "boxes": [np.asarray(b, dtype=np.float64) for b in v.get("boxes", [])]}
             for k, v in state.get("prompts", {}).items()
         }
-        # The autosave's stop slices replace the session's, as its labels do.
-        saved = {int(k): {int(z) for z in zs} for k, zs in state.get("stop_slices", {}).items()}
-        for lid in s.labels.objects:
-            marked = set(s.stop_slices.get(lid, ()))
-            for z in marked - saved.get(lid, set()):
-                s.mark_stop(lid, z, stop=False)
-            for z in saved.get(lid, set()) - marked:
-                s.mark_stop(lid, z)
         current = state.get("current")
         self.current_label = None
         if current is not None and int(current) in s.labels.objects:
             self.select_object(int(current))
         elif s.labels.objects:
             self.select_object(sorted(s.labels.objects)[0])
+        pend = state.get("pending")
+        if pend and int(pend["label_id"]) in s.labels.objects:  # the slice result the kill interrupted
+            from ..engine.predictor import SlicePrediction
+
+            mask = np.zeros(s.shape_zyx[1:], dtype=bool)
+            yx = np.asarray(pend.get("yx", []), dtype=np.int64).reshape(-1, 2)
+            mask[yx[:, 0], yx[:, 1]] = True
+            self.pending = (int(pend["label_id"]), SlicePrediction(
+                z=int(pend["z"]), mask_yx=mask, logits_256=np.zeros((256, 256), np.float32), iou=float(pend.get("iou", 0))))
+        self.set_overlap(s.overlap)
         self._refresh_objects()
         self._show_labels()
         self.restore_btn.setEnabled(False)
+        self.restore_banner.setVisible(False)
+        self.offered_folder = None
+        seeds = sum(len(v) for v in s.seeds.values())
         self._set_status(f"Restored the autosave of {state.get('saved_at', 'earlier')} "
-                         f"({len(s.labels.objects)} objects). Re-segment a slice (S) to continue propagating.")
+                         f"({len(s.labels.objects)} objects, {seeds} segmented slices"
+                         f"{', and the slice result not yet accepted' if self.pending else ''}). P propagates on.")
+        self._autosave()
         return True

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ._reader import META_AXIS, META_COLORS, META_MODEL, META_NAMES, META_VOLUME
+from ._reader import META_AXIS, META_COLORS, META_MODEL, META_NAMES, META_TRUE_AFFINE, META_VOLUME
 
 # ".dcm" writes a DICOM SEG that references the layer's source DICOM series.
 LABEL_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".dcm")
@@ -75,7 +75,10 @@ def labels_for_source(data_zyx: np.ndarray, meta: dict):
     from ..io.orientation import SliceView as _SV
 
     ras_to_display = _SV(np.eye(4), shape=(2, 2, 2), axis="axial").ras_to_display
-    affine_ras = np.linalg.inv(ras_to_display) @ _data_to_world(meta)
+    # The true affine kept in the metadata wins over the (deobliqued) display transform.
+    true_affine = md.get(META_TRUE_AFFINE)
+    data_to_world = np.asarray(true_affine, dtype=np.float64) if true_affine is not None else _data_to_world(meta)
+    affine_ras = np.linalg.inv(ras_to_display) @ data_to_world
     return data_zyx, Volume(data_ijk=data_zyx, affine_ras=affine_ras)
 
 

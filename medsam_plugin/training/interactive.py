@@ -655,7 +655,7 @@ class InteractiveTrainer:
     def _meta(self, history: list, step: int, val: dict) -> dict:
         return {"trained_by": "medsam_plugin.training.interactive", "objective": "interactive", "step": step,
                 "validation": val, "history": history, "config": _plain(self.cfg),
-                "prompts": ["box", "points", "mask"], "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+                "prompts": ["box", "points", "mask"], "recommended_mode": "box+mask", "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def _fmt(val: dict) -> str:
