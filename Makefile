@@ -38,7 +38,8 @@ demo: install
 
 # QT_API: the GUI tests run on the Qt6 binding even where an older PyQt5 lingers in the venv.
 test: install system-deps
-	QT_API=pyqt6 $(BIN)/python -m pytest
+	# UTF-8 mode: a test reading a subprocess's output must not depend on the machine's locale
+	QT_API=pyqt6 PYTHONUTF8=1 $(BIN)/python -m pytest
 
 bench: install
 	$(BIN)/python benchmarks/run_all.py
