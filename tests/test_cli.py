@@ -111,4 +111,6 @@ def test_unwritable_output_path_fails_before_any_model_work(tmp_path, prompts):
 
 def test_models_lists_the_registry():
     code, stdout, _ = run_cli("models")
-    assert code == 0 and "lite_medsam  (default)" in stdout and "sam_vit_h" in stdout
+    from medsam_plugin.model.defaults import DEFAULT_MODEL
+
+    assert code == 0 and f"{DEFAULT_MODEL}  (default)" in stdout and "sam_vit_h" in stdout and "lite_medsam" in stdout

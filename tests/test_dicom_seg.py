@@ -424,4 +424,6 @@ def test_cli_writes_the_label_map_and_its_dicom_seg(spleen, sample_dir, tmp_path
     np.testing.assert_array_equal(read_labels(seg_path, volume), nifti_labels)
     ds = pydicom.dcmread(seg_path, stop_before_pixels=True)
     algo = ds.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
-    assert "model=lite_medsam" in str(algo.AlgorithmParameters)
+    from medsam_plugin.model.defaults import DEFAULT_MODEL
+
+    assert f"model={DEFAULT_MODEL}" in str(algo.AlgorithmParameters)  # the model that made it is named
