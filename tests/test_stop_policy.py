@@ -305,3 +305,20 @@ def test_spleen_span_ends_within_one_slice_with_the_default_policy(sample_dir, l
     assert span["ends_within_1"], format_span(span)
     conf = session.confidence[obj.label_id]
     assert conf[z] == 1.0 and min(conf.values()) < 0.9 < max(v for k, v in conf.items() if k != z)
+
+
+def test_a_click_seed_smaller_than_its_object_does_not_stop_the_walk_by_growth():
+    """One click often segments only the object's core; the slice after it grows, legitimately."""
+    truth = np.zeros((9, 40, 40), bool)
+    truth[1:8, 8:32, 8:32] = True
+    predictor = FakePredictor(truth)
+    core = np.zeros((40, 40), bool)
+    core[16:24, 16:24] = True  # the click's answer: 64 of 576 px
+    growth = StopRules(policy=StopPolicy(min_iou_previous=None, max_area_growth=1.2))
+    clicked = SlicePrediction(z=4, mask_yx=core, logits_256=np.zeros((256, 256), np.float32), iou=0.9,
+                              prompt={"box_xyxy": None, "points_yx": np.array([[20.0, 20.0]]), "mask": False})
+    result = run_to_completion(propagate(predictor, {4: clicked}, mode="mask", stop=growth))
+    assert filled(result, 1, 7) == [1, 2, 3, 4, 5, 6, 7]
+    boxed = dataclasses.replace(clicked, prompt={"box_xyxy": np.array([16.0, 16, 23, 23]), "points_yx": None})
+    result = run_to_completion(propagate(predictor, {4: boxed}, mode="mask", stop=growth))
+    assert filled(result, 1, 7) == [4]  # a boxed seed that small did bloom: growth still stops it

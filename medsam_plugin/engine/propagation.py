@@ -406,6 +406,13 @@ def _candidate_agreement(pred: SlicePrediction, kept: SlicePrediction) -> float 
     return float(np.mean(others)) if others else 1.0
 
 
+def clicked_seed(pred: SlicePrediction) -> bool:
+    """Whether a slice result came from clicks alone (no box, no dense prompt)."""
+    prompt = pred.prompt or {}
+    points = prompt.get("points_yx")
+    return prompt.get("box_xyxy") is None and not prompt.get("mask") and points is not None and len(points) > 0
+
+
 def _walk(predictor, start: SlicePrediction, targets: list[int], mode: str, stop: StopRules,
           seed: SlicePrediction, cancel: threading.Event | None = None, candidates: str = DEFAULT_CANDIDATES,
           ) -> Generator[tuple[int, SlicePrediction | None, str | None, SliceSignals | None], None, None]:
@@ -436,6 +443,11 @@ def _walk(predictor, start: SlicePrediction, targets: list[int], mode: str, stop
                 pred = predictor.predict(z, **prompt_from_previous(previous, mode, hw))
             if pred.mask_yx.any():
                 signals = slice_signals(pred, previous, seed, seed_stats, volume[z], agreement)
+                if previous is seed and clicked_seed(seed):
+                    # A seed made from clicks alone is often smaller than its object (one click on
+                    # the BraTS 2021 oedema: 248 of 747 px), so the first slice past it grows
+                    # without having bloomed into other tissue: growth is not held against it.
+                    signals = dataclasses.replace(signals, area_ratio_previous=1.0)
             reason = stop.rejects(pred, previous, signals)
             if reason is None:
                 yield z, pred, None, signals
