@@ -42,4 +42,5 @@ class FakePredictor:
             mask &= clip
         logits = np.where(np.resize(mask, (256, 256)), 5.0, -5.0).astype(np.float32)
         return SlicePrediction(z=int(z), mask_yx=mask, logits_256=logits, iou=0.9,
-                               prompt={"box_xyxy": box_xyxy, "points_yx": points_yx})
+                               prompt={"box_xyxy": box_xyxy, "points_yx": points_yx, "point_labels": point_labels,
+                                       "mask": mask_logits_256 is not None})

@@ -111,3 +111,22 @@ def test_to_state_and_from_state_bring_the_work_back_with_its_seeds(truth):
     np.testing.assert_array_equal(t.seeds[obj][10].mask_yx, s.labels.array[10] == obj)
     result = run_to_completion(t.propagate(obj))  # propagation goes on from the restored seed
     assert max(result.slices) == 14 and min(result.slices) < 10
+
+
+def test_a_background_click_correction_never_makes_the_object_longer(truth):
+    """A remove-click says "less here": its re-propagation stays inside the object's z-extent,
+    while an add-click may extend it."""
+    s, obj = seeded(truth)
+    s.stop_rules = StopRules(policy=StopPolicy(min_iou_previous=None), max_distance=2)
+    run_to_completion(s.propagate(obj))
+    before = np.flatnonzero((s.labels.array == obj).any(axis=(1, 2)))
+    assert (before[0], before[-1]) == (8, 12)  # held to 2 slices from the seed
+    s.stop_rules = StopRules(policy=StopPolicy(min_iou_previous=None))
+    z = int(before[-1])  # the object's last slice; the fake model would walk on to the truth's end (15)
+    s.segment_slice(obj, z, points_yx=np.array([[2.0, 2.0]]), point_labels=np.array([0]), use_current_mask=True)
+    run_to_completion(s.propagate(obj, from_slice=z))
+    after = np.flatnonzero((s.labels.array == obj).any(axis=(1, 2)))
+    assert after[-1] == before[-1]
+    s.segment_slice(obj, z, points_yx=np.array([[20.0, 24.0]]), point_labels=np.array([1]), use_current_mask=True)
+    run_to_completion(s.propagate(obj, from_slice=z))
+    assert np.flatnonzero((s.labels.array == obj).any(axis=(1, 2)))[-1] > before[-1]
