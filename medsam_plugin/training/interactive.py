@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..engine.propagation import bounding_box_xyxy as _box_xyxy  # the engine's box rule, in the 256 frame here
 from .augment import SliceAugment, label_to_lowres
 from .data import case_transforms, data_errors, load_datalist
 
@@ -240,14 +241,6 @@ def bank_samples(bank: Sequence[BankSlice], min_area: int) -> tuple[list[tuple[i
 
 
 # ---------------------------------------------------------------------------------- prompts
-def _box_xyxy(mask: np.ndarray) -> np.ndarray | None:
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
-        return None
-    return np.array([cols[0], rows[0], cols[-1], rows[-1]], dtype=np.float32)
-
-
 def jitter_box(box: np.ndarray, rng: np.random.Generator, frac: float = 0.1, px: float = 4.0) -> np.ndarray:
     """Each side moved by up to `frac` of the box size plus `px` pixels, as an expert's box varies."""
     w, h = box[2] - box[0] + 1, box[3] - box[1] + 1
