@@ -89,8 +89,6 @@ def simulate_object(session, truth_zyx: np.ndarray, label_id: int, name: str = "
     """
     import dataclasses
 
-    from ..engine.propagation import StopRules
-
     if protocol not in PROTOCOLS:
         raise ValueError(f"Unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}.")
     start = time.perf_counter()

@@ -33,7 +33,6 @@ import copy
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -123,24 +122,6 @@ class BankSlice:
     view: str
 
 
-def _encoder_fn(loaded) -> Callable[[np.ndarray], np.ndarray]:
-    from .trainer import _make_encode_fn
-
-    return _make_encode_fn(loaded)
-
-
-def _model_key(loaded) -> str:
-    from .trainer import model_key
-
-    return model_key(loaded.spec)
-
-
-def default_cache_dir() -> Path:
-    from .trainer import default_cache_dir as base
-
-    return base()
-
-
 def _cached_encode(slices_u8: list[np.ndarray], encode, key: str, cache_dir: Path | None, progress=None) -> list[np.ndarray]:
     """Embeddings of slices, read from `cache_dir` where present, encoded (and kept there) otherwise."""
     from ..engine.embedding_cache import slice_signature
@@ -167,18 +148,19 @@ def _cached_encode(slices_u8: list[np.ndarray], encode, key: str, cache_dir: Pat
     return out  # type: ignore[return-value]
 
 
-def _objects_in(label_256: np.ndarray, min_area: int) -> list[int]:
+def _objects_in(label_256: np.ndarray, min_area: int) -> dict[int, int]:
+    """{object: pixels} of the objects with at least `min_area` pixels on a label slice."""
     values, counts = np.unique(label_256, return_counts=True)
-    return [int(v) for v, c in zip(values, counts) if v != 0 and c >= min_area]
+    return {int(v): int(c) for v, c in zip(values, counts) if v != 0 and c >= min_area}
 
 
 def build_bank(cases: Sequence[dict], loaded, cfg: InteractiveConfig, rng: np.random.Generator,
                augment: bool = True, say=print) -> list[BankSlice]:
     """Encode the slices training visits (see the module docstring); deterministic for a seed."""
-    from monai.transforms import Compose  # noqa: F401  (MONAI chain below)
+    from .trainer import _make_encode_fn, default_cache_dir, model_key  # the propagation trainer's encoder and cache
 
-    encode = _encoder_fn(loaded)
-    key = _model_key(loaded)
+    encode = _make_encode_fn(loaded)
+    key = model_key(loaded.spec)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
     plan: list[tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray], str, str]] = []
@@ -206,13 +188,13 @@ def build_bank(cases: Sequence[dict], loaded, cfg: InteractiveConfig, rng: np.ra
                         ends = [v for v in np.unique(label[[zz for zz in (z - 1, z + 1) if 0 <= zz < n]])
                                 if v != 0 and v not in objs]
                         if objs or ends:
-                            rows.append((len(objs) + 0.5 * len(ends) + rng.uniform(0, 0.1), z))
-                    rows.sort(reverse=True)
-                    for _, z in rows[: cfg.slices_per_variant]:
+                            rows.append((len(objs) + 0.5 * len(ends) + rng.uniform(0, 0.1), z, lab))
+                    rows.sort(key=lambda row: row[:2], reverse=True)
+                    for _, z, lab in rows[: cfg.slices_per_variant]:
                         img = aug.apply_image(image[z])
                         nb = tuple(label_to_lowres(aug.apply_label(label[zz])) if 0 <= zz < n
                                    else np.zeros((LOWRES, LOWRES), np.uint16) for zz in (z - 1, z + 1))
-                        plan.append((img, label_to_lowres(aug.apply_label(label[z])), nb, str(case["case"]), view))
+                        plan.append((img, lab, nb, str(case["case"]), view))
     say(f"slice bank: {len(plan)} slices from {len(cases)} case(s) (views {', '.join(cfg.views)})")
     bar = None
     if cfg.progress:
@@ -226,18 +208,20 @@ def build_bank(cases: Sequence[dict], loaded, cfg: InteractiveConfig, rng: np.ra
     return [BankSlice(e, lab, nb, c, v) for e, (_, lab, nb, c, v) in zip(embeddings, plan)]
 
 
-def bank_samples(bank: Sequence[BankSlice], min_area: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """(slice index, object) pairs with the object on the slice, and pairs where the object ends
-    (a neighbour holds it with at least `min_area` pixels, the slice holds none of it)."""
-    present, ends = [], []
+def bank_samples(bank: Sequence[BankSlice], min_area: int
+                 ) -> tuple[list[tuple[int, int]], list[int], list[tuple[int, int]]]:
+    """(slice index, object) pairs with the object on the slice, their areas in pixels, and pairs
+    where the object ends (a neighbour holds it with at least `min_area` pixels, the slice none)."""
+    present, areas, ends = [], [], []
     for i, s in enumerate(bank):
         objs = _objects_in(s.label, min_area)
         present += [(i, v) for v in objs]
+        areas += list(objs.values())
         for nb in s.neighbours:
             for v in _objects_in(nb, min_area):
                 if not (s.label == v).any() and (i, v) not in ends:
                     ends.append((i, v))
-    return present, ends
+    return present, areas, ends
 
 
 # ---------------------------------------------------------------------------------- prompts
@@ -417,12 +401,11 @@ class InteractiveTrainer:
         self.dice_loss = DiceLoss(sigmoid=True, reduction="none")
         t0 = time.perf_counter()
         self.bank = build_bank(train_cases, self.loaded, cfg, np.random.default_rng(cfg.seed), augment=True, say=self.log)
-        self.present, self.ends = bank_samples(self.bank, cfg.min_area)
+        self.present, areas, self.ends = bank_samples(self.bank, cfg.min_area)
         # Draw objects with probability ~ sqrt(area): uniform draws over (slice, object) pairs are
         # dominated by the many small structures of a whole-body label map (vessels, ribs), and
         # taught a click to answer with a small blob (a spleen click gave 2.5k of 8.2k pixels).
-        areas = np.array([(self.bank[i].label == v).sum() for i, v in self.present], np.float64)
-        w = areas ** cfg.area_weight_power
+        w = np.asarray(areas, np.float64) ** cfg.area_weight_power
         self.present_p = w / w.sum()
         self.val_bank = []
         if val_cases:
