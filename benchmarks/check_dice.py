@@ -8,7 +8,7 @@ ground truth, and the difference. Target: |Dice(fast) - Dice(fp32)| <= 0.005 on 
 Embeddings go to an on-disk cache keyed by slice, model and encoder path (fp32 and fast never
 mix), so a second run only decodes.
 
-    python benchmarks/check_dice.py [--path auto|bf16|openvino-bf16|...] [--cases a,b] [--json out.json]
+    python benchmarks/check_dice.py [--path auto|bf16|openvino-bf16|...] [--model NAME] [--cases a,b] [--json out.json]
     python benchmarks/check_dice.py --decoders    (the model's own mask decoder vs the fast one)
 """
 
@@ -55,7 +55,7 @@ def one_box_dice(volume, truth_ijk, label: int, loaded, path_name: str, cache_di
 
 
 def run(path_name: str = "auto", cases=None, cache_dir=None, loaded=None, log=print,
-        compare_decoders: bool = False) -> list[dict] | None:
+        compare_decoders: bool = False, model: str = "lite_medsam") -> list[dict] | None:
     """Rows {case, label, dice_fp32, dice_fast, delta, ok}; None when ../shared/data is absent.
 
     compare_decoders: instead of fp32 vs `path_name` encoders, the model's own mask decoder vs the
@@ -69,7 +69,7 @@ def run(path_name: str = "auto", cases=None, cache_dir=None, loaded=None, log=pr
     if not SHARED.is_dir():
         log(f"skipped: {SHARED} is absent (the team's shared labelled volumes).")
         return None
-    loaded = loaded or load_model("lite_medsam", device="cpu")
+    loaded = loaded or load_model(model, device="cpu")  # each model in its own default mode and stop rule
     if path_name == "auto":
         path_name, why = choose_mode(loaded, "auto")
         log(f"fast path on this machine: {path_name} ({why})")
@@ -104,12 +104,13 @@ def main(argv=None) -> int:
     parser.add_argument("--path", default="auto", help="encoder path to check against fp32 (default: auto's choice)")
     parser.add_argument("--cases", default=None, help="comma-separated case ids (default: all)")
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--model", default="lite_medsam", help="registered model (default: lite_medsam)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--decoders", action="store_true",
                         help="compare the model's own mask decoder with the fast one, on --path's embeddings")
     args = parser.parse_args(argv)
     rows = run(args.path, args.cases.split(",") if args.cases else None, args.cache_dir,
-               log=lambda s: print(s, flush=True), compare_decoders=args.decoders)
+               log=lambda s: print(s, flush=True), compare_decoders=args.decoders, model=args.model)
     if rows is None:
         return 0
     worst = max((abs(r["delta"]) for r in rows), default=0.0)

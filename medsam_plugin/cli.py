@@ -152,11 +152,10 @@ def _check_segment_args(args) -> dict:
         parse_window(args.window)
     if args.min_iou is not None and not 0.0 <= args.min_iou <= 1.0:
         raise ValueError(f"--min-iou {args.min_iou} must be a number from 0 to 1.")
+    from .engine.prompts import load_prompts
+
     prompts = Path(args.prompts)
-    if not prompts.exists():
-        raise ValueError(f"The prompts file {prompts} does not exist. Check the path.")
-    if not prompts.is_file():
-        raise ValueError(f"The prompts path {prompts} is a folder, not a JSON file. Point to the prompts .json file.")
+    load_prompts(prompts)  # a missing, folder or non-JSON prompts file fails here, before any model work
     if args.reference and not Path(args.reference).exists():
         raise ValueError(f"The reference label map {args.reference} does not exist. Check the path.")
     out = Path(args.out)
@@ -263,9 +262,9 @@ def _save_outputs(session, out: Path, seg_paths: list, seg_properties: dict, per
 
 
 def cmd_segment(args) -> int:
+    from .engine.choice import ModelChoice
     from .engine.prompts import load_prompts, parse_prompts
     from .engine.propagation import run_to_completion
-    from .engine.session import SegmentationSession
     from .io import read_labels, read_volume
 
     outputs = _check_segment_args(args)  # every argument and output path, before reading anything
@@ -277,8 +276,7 @@ def cmd_segment(args) -> int:
     volume = read_volume(args.image, series_uid=args.series_uid)
     _warn_if_constant(volume)
     seg_paths, seg_properties = _dicom_seg_plan(args, volume)  # fails here, before any model work
-    session = SegmentationSession(volume, model=args.model, device=args.device, axis=args.axis,
-                                  window=args.window, cache_dir=args.cache_dir)
+    session = ModelChoice.from_args(args).session(volume)
     objects = parse_prompts(load_prompts(args.prompts), session.view, source=str(args.prompts))
     if args.mode:
         session.mode = args.mode
@@ -351,8 +349,9 @@ def _print_table(report: dict) -> None:
 
 
 def cmd_evaluate(args) -> int:
+    from .engine.choice import ModelChoice
     from .evaluation.run import datalist_cases, evaluate_case
-    from .model.registry import load_model
+    from .evaluation.simulate import ExpertSettings
 
     from .engine.preprocessing import parse_window
     from .engine.propagation import PROMPT_MODES
@@ -381,12 +380,12 @@ def cmd_evaluate(args) -> int:
         if not args.label:
             raise ValueError("evaluate needs IMAGE and LABEL, or a dataset.json.")
         cases = [{"image": args.image, "label": args.label}]
-    loaded = load_model(args.model, device=args.device)
+    choice = ModelChoice.from_args(args)
+    expert = ExpertSettings(clicks=args.clicks, mode=args.mode, stop=_stop_rules(args), protocol=args.protocol)
+    loaded = choice.load()
     reports = []
     for case in cases:
-        report = evaluate_case(case["image"], case["label"], labels=labels, clicks=args.clicks, mode=args.mode,
-                               axis=args.axis, window=args.window, loaded_model=loaded, stop=_stop_rules(args),
-                               cache_dir=args.cache_dir, protocol=args.protocol)
+        report = evaluate_case(case["image"], case["label"], choice, expert, labels=labels, loaded_model=loaded)
         _print_table(report)
         reports.append(report)
     out = reports[0] if len(reports) == 1 else {
@@ -420,16 +419,11 @@ def check_datalist(path, what: str = "datalist") -> None:
     """A Decathlon dataset.json that MONAI can read: a JSON object whose "training", "validation" and
     "test" entries are lists of {"image": path, "label": path} (test: paths or objects with "image").
     Checked here, with a sentence, instead of failing deep inside MONAI with a TypeError."""
+    from .io.jsonfile import read_json_file
+
     path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"The {what} {path} is a folder; point to its dataset.json file.")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"The {what} {path} does not exist. Check the path.") from None
-    except (ValueError, RecursionError, OSError) as exc:
-        raise ValueError(f"The {what} {path} is not a readable JSON file ({type(exc).__name__}). Fix it; see "
-                         f"MONAI's Decathlon dataset.json format.") from None
+    data = read_json_file(path, what, fix="Fix it; see MONAI's Decathlon dataset.json format.",
+                          point_to="its dataset.json file")
     if not isinstance(data, dict):
         raise ValueError(f"The {what} {path} must hold a JSON object with a \"training\" list of "
                          f"{{\"image\": ..., \"label\": ...}} cases.")

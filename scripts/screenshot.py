@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     viewer.window.resize(1500, 900)
     [layer] = viewer.open(CASE / "image.nii.gz", plugin="medsam-plugin")
     _, widget = viewer.window.add_plugin_dock_widget("medsam-plugin", "MedSAM segmentation")
-    widget.device_combo.setCurrentText(args.device)
+    widget.panel.device_combo.setCurrentText(args.device)
 
     volume = layer.metadata["medsam_volume"]
     truth_zyx = SliceView(volume).to_view(read_volume(CASE / "label.nii.gz").data_ijk) > 0

@@ -160,3 +160,83 @@ def spleen_slice(sample_dir, lite_medsam):
     truth = session.view.to_view(read_labels(case / "label.nii.gz", volume)) == 1
     z = int(np.argmax(truth.sum(axis=(1, 2))))
     return session.image_u8, z, bounding_box_xyxy(truth[z]), truth[z]
+
+
+# ---------------------------------------------------------------- napari: the widget over the spleen sample
+SPLEEN_CASE = "ct_spleen_msd_spleen2_crop"
+
+
+@pytest.fixture
+def spleen_widget(make_napari_viewer, monkeypatch, tmp_path, sample_dir):
+    """(viewer, build): the spleen sample CT opened by the plugin's reader in a napari viewer (Qt on Xvfb).
+
+    `build(inline=True, radius_z=8, policy="ignore", predictor=FakePredictor, **kwargs)` docks a
+    `MedSAMWidget` on it (autosave policy `policy`, embeddings in memory, its cache root under
+    tmp_path) whose session answers prompts with `predictor(truth, **kwargs)`: `truth` is an
+    ellipsoid around slice 12 (z radius `radius_z`), kept as `w.truth`. `predictor=None` keeps the
+    session's own (unloaded) model. Used by the napari widget tests that need no real model.
+    """
+    monkeypatch.setenv("MEDSAM_PLUGIN_CACHE", str(tmp_path / "cache"))
+    viewer = make_napari_viewer()
+    viewer.open(sample_dir / SPLEEN_CASE / "image.nii.gz", plugin="medsam-plugin")
+    from fakes import FakePredictor, ellipsoid_zyx
+
+    def build(inline=True, radius_z=8, policy="ignore", predictor=FakePredictor, **kwargs):
+        from medsam_plugin.engine.propagation import StopRules
+        from medsam_plugin.napari.widget import MedSAMWidget
+
+        w = MedSAMWidget(viewer, autosave_policy=policy, inline=inline, embedding_cache=False)
+        viewer.window.add_dock_widget(w)
+        nz, ny, nx = w.session.shape_zyx
+        w.truth = ellipsoid_zyx(shape=(nz, ny, nx), center=(12, ny // 2, nx // 2), radii=(radius_z, ny // 4, nx // 4))
+        if predictor is not None:
+            w.session._predictor = predictor(w.truth, **kwargs)
+            w.session.stop_rules = StopRules(min_iou_with_previous=None)  # the ellipsoid's tips overlap little
+        return w
+
+    return viewer, build
+
+
+def _pump(n: int = 3) -> None:
+    import time
+
+    from qtpy.QtWidgets import QApplication
+
+    for _ in range(n):
+        QApplication.processEvents()
+        time.sleep(0.005)
+
+
+def canvas_point(viewer, layer, zyx):
+    """Where the data point `zyx` of `layer` (on the slice shown) lies on the viewer's canvas, in pixels."""
+    import numpy as np
+    from qtpy.QtCore import QPointF
+
+    canvas = viewer.window._qt_viewer.canvas
+    world = np.asarray(layer.data_to_world(np.asarray(zyx, dtype=float)), dtype=float)
+    transform = canvas.view.transform * canvas.view.scene.transform  # napari: world (x, y) <-> canvas pixels
+    x, y = transform.map([world[-1], world[-2]])[:2]
+    return QPointF(float(x), float(y))
+
+
+def drag_on_canvas(viewer, layer, path_zyx) -> None:
+    """A real left-button drag on the canvas through the data points `path_zyx` of `layer` (mouse press,
+    moves, release, as Qt delivers them), e.g. a rectangle-tool box or a brush stroke."""
+    from qtpy.QtCore import QEvent, Qt
+    from qtpy.QtGui import QMouseEvent
+    from qtpy.QtWidgets import QApplication
+
+    native = viewer.window._qt_viewer.canvas.native
+    points = [canvas_point(viewer, layer, p) for p in path_zyx]
+    left, none, mods = Qt.MouseButton.LeftButton, Qt.MouseButton.NoButton, Qt.KeyboardModifier.NoModifier
+
+    def send(kind, pos, button, buttons):
+        QApplication.sendEvent(native, QMouseEvent(kind, pos, native.mapToGlobal(pos), button, buttons, mods))
+        _pump(2)
+
+    send(QEvent.Type.MouseMove, points[0], none, none)
+    send(QEvent.Type.MouseButtonPress, points[0], left, left)
+    for p in points[1:]:
+        send(QEvent.Type.MouseMove, p, none, left)
+    send(QEvent.Type.MouseButtonRelease, points[-1], left, none)
+    _pump(5)

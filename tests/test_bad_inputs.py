@@ -682,7 +682,7 @@ def test_the_weights_checksum_does_not_trust_a_planted_cache_entry(tmp_path, mon
     weights = tmp_path / "weights.pth"
     weights.write_bytes(b"modified weights")
     expected = hashlib.sha256(b"the published weights").hexdigest()
-    monkeypatch.setenv("MEDSAM_PLUGIN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MEDSAM_PLUGIN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(registry, "_SHA_MEMORY", {})
     registry.file_sha256(weights)  # creates the cache file, whose key format an attacker can read
     cache_file = tmp_path / "cache" / "sha256.json"

@@ -232,6 +232,8 @@ def test_openvino_f32_path_gives_the_fp32_embedding_and_mask(lite_medsam, spleen
     _require_openvino()
     path = fast.build_path(lite_medsam, "openvino-f32", cache_dir=tmp_path)
     assert path.converted and list(tmp_path.glob("openvino/*.xml"))
+    kept = sorted(p.name[p.name.index("."):] for p in (tmp_path / "openvino").iterdir())
+    assert kept == [".bin", ".sha256.json", ".xml"]  # written as one set, nothing left behind
     x = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         reference = lite_medsam.sam.image_encoder(x)

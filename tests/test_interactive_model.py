@@ -75,6 +75,35 @@ def test_one_click_segments_the_spleen(interactive, embedding_cache_dir):
     assert dice(pred.mask_yx, truth[z]) >= 0.85
 
 
+def test_a_lone_click_is_refined_with_its_own_answer(interactive, embedding_cache_dir):
+    """Cascaded refinement: the click's first answer goes back as a dense prompt (2 passes here),
+    which answers the spleen better than the single pass; a box is answered in one pass."""
+    import dataclasses
+
+    from medsam_plugin.engine.propagation import bounding_box_xyxy, interior_point_yx
+    from medsam_plugin.evaluation.metrics import dice
+
+    assert interactive.spec.click_refine_passes == 2
+    session, truth = _spleen_session(interactive, embedding_cache_dir)
+    z = int(np.argmax(truth.sum(axis=(1, 2))))
+    session.add_object("spleen", label_id=1)
+    click = dict(points_yx=interior_point_yx(truth[z])[None], point_labels=np.array([1]))
+    before = session.predictor.decode_count
+    refined = session.segment_slice(1, z, **click)
+    assert session.predictor.decode_count - before == 3
+    assert refined.prompt["mask"] is False  # the slice remembers the user's prompt, not the passes
+    single = session.predictor.predict(z, multimask=False, **click)
+    assert dice(refined.mask_yx, truth[z]) > dice(single.mask_yx, truth[z])
+    before = session.predictor.decode_count
+    session.segment_slice(1, z, box_xyxy=bounding_box_xyxy(truth[z]))
+    assert session.predictor.decode_count - before == 1
+    # A model with no passes declared answers a click in one decode.
+    session.predictor.spec = dataclasses.replace(interactive.spec, click_refine_passes=0)
+    before = session.predictor.decode_count
+    session.segment_slice(1, z, **click)
+    assert session.predictor.decode_count - before == 1
+
+
 def test_three_corrections_never_lower_the_spleen_dice(interactive, embedding_cache_dir):
     from medsam_plugin.evaluation.simulate import simulate_object
 

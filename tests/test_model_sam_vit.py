@@ -32,7 +32,7 @@ def _meta_state(variant: str) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MEDSAM_PLUGIN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MEDSAM_PLUGIN_CACHE", str(tmp_path / "cache"))
 
 
 def test_vit_b_keys_and_shapes_match_the_published_checkpoints():

@@ -31,7 +31,7 @@ def test_the_binding_in_use_is_the_one_asked_for(qtbot):
     if not wanted:
         pytest.skip("QT_API is not set: qtpy picks the first binding installed")
     assert qtpy.API_NAME.lower() == wanted.lower()
-    from medsam_plugin.napari._widget import ConfidenceStrip, render_confidence_strip
+    from medsam_plugin.napari.widget.strip import ConfidenceStrip, render_confidence_strip
 
     strip = ConfidenceStrip(lambda z: None)
     qtbot.addWidget(strip)

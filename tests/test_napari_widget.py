@@ -82,7 +82,7 @@ def test_box_segment_propagate_undo_export(opened, spleen, qtbot, tmp_path):
     # The reader shows the engine's view with physical geometry and keeps the source volume.
     np.testing.assert_array_equal(layer.data, view.to_view(volume.data_ijk))
     np.testing.assert_allclose(layer.scale, view.view_spacing)
-    assert layer.metadata["medsam_volume"] is not None
+    assert (lambda v: v.source_path == volume.source_path and np.array_equal(v.affine_ras, volume.affine_ras) and np.array_equal(v.data_ijk, volume.data_ijk))(layer.metadata["medsam_volume"])  # the source scan itself, as read
 
     widget.set_slice(z)
     assert widget.current_z() == z
@@ -174,7 +174,7 @@ def test_painting_is_respected_by_other_objects(opened, spleen, qtbot):
 
 def test_cancel_leaves_labels_unchanged(make_napari_viewer, monkeypatch, tmp_path, lite_medsam, spleen, qtbot):
     """A threaded propagation cancelled after its first slice changes nothing."""
-    from medsam_plugin.napari._widget import MedSAMWidget
+    from medsam_plugin.napari.widget import MedSAMWidget
 
     monkeypatch.setenv("MEDSAM_PLUGIN_CACHE", str(tmp_path / "cache"))
     viewer = make_napari_viewer()

@@ -29,8 +29,9 @@ def test_orientation_markers_and_a_slider_that_counts_slices(make, qtbot):
 
 def test_volume_hide_lock_and_colour_per_object(make, qtbot, monkeypatch):
     from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QPushButton
 
-    import medsam_plugin.napari._widget as mod
+    import medsam_plugin.napari.widget.controller as mod
 
     seen = []
     monkeypatch.setattr(mod, "_notify", lambda kind, msg: seen.append((kind, msg)))
@@ -42,17 +43,17 @@ def test_volume_hide_lock_and_colour_per_object(make, qtbot, monkeypatch):
     layer.paint((10, 80, 80), obj)
     qtbot.waitUntil(lambda: (w.session.labels.array == obj).any(), timeout=5000)
     n = int((w.session.labels.array == obj).sum())
-    item = w.object_list.item(0)
+    item = w.panel.object_list.item(0)
     assert item.text().endswith(f"{n * w.voxel_ml():.1f} mL")
     # hide: untick the object
     item.setCheckState(Qt.Unchecked)
     assert layer.colormap.color_dict[obj][3] == 0 and obj in w.hidden
-    w.object_list.item(0).setCheckState(Qt.Checked)
+    w.panel.object_list.item(0).setCheckState(Qt.Checked)
     assert layer.colormap.color_dict[obj][3] == 1
     # lock: the Lock button; then painting over it is put back and S is refused
-    lock = [b for b in w.findChildren(mod.QPushButton) if b.text() == "Lock"][0]
+    lock = [b for b in w.findChildren(QPushButton) if b.text() == "Lock"][0]
     qtbot.mouseClick(lock, Qt.LeftButton)
-    assert obj in w.session.locked and "locked" in w.object_list.item(0).text()
+    assert obj in w.session.locked and "locked" in w.panel.object_list.item(0).text()
     other = w.add_object("other")
     layer.selected_label = other
     layer.paint((10, 80, 80), other)
@@ -71,13 +72,13 @@ def test_the_panel_shows_a_progress_bar_with_slice_count_and_time_left(make, qtb
     viewer, build = make
     w = build(inline=False, radius_z=14, gate_z=20)
     seed(w, viewer, qtbot)
-    assert w.progress.isHidden()
+    assert w.panel.progress.isHidden()
     key(viewer, qtbot, Qt.Key_U)
     qtbot.waitUntil(w.session._predictor.reached.is_set, timeout=20_000)
-    qtbot.waitUntil(lambda: w.progress.value() > 0, timeout=10_000)
-    assert not w.progress.isHidden() and w.progress.maximum() > w.progress.value()
-    text = w.progress_label.text()
+    qtbot.waitUntil(lambda: w.panel.progress.value() > 0, timeout=10_000)
+    assert not w.panel.progress.isHidden() and w.panel.progress.maximum() > w.panel.progress.value()
+    text = w.panel.progress_label.text()
     assert " of ~" in text and "s left" in text and "slice" in text
     w.session._predictor.gate.set()
     assert w.wait(20)
-    assert w.progress.isHidden()
+    assert w.panel.progress.isHidden()

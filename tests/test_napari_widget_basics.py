@@ -12,23 +12,11 @@ pytest.importorskip("pytestqt")
 
 pytestmark = pytest.mark.gui
 
-CASE = "ct_spleen_msd_spleen2_crop"
-
-
 @pytest.fixture
-def make_widget(make_napari_viewer, monkeypatch, tmp_path, sample_dir):
-    monkeypatch.setenv("MEDSAM_PLUGIN_CACHE", str(tmp_path / "cache"))
-    viewer = make_napari_viewer()
-    viewer.open(sample_dir / CASE / "image.nii.gz", plugin="medsam-plugin")
-
-    def make(policy="ignore"):
-        from medsam_plugin.napari._widget import MedSAMWidget
-
-        widget = MedSAMWidget(viewer, autosave_policy=policy, inline=True, embedding_cache=False)
-        viewer.window.add_dock_widget(widget)
-        return widget
-
-    return viewer, make
+def make_widget(spleen_widget):
+    """(viewer, make): conftest's `spleen_widget` without a fake predictor (nothing here segments)."""
+    viewer, build = spleen_widget
+    return viewer, lambda policy="ignore": build(policy=policy, predictor=None)
 
 
 def key(viewer, qtbot, k, modifier=None):
@@ -53,14 +41,14 @@ def test_objects_add_rename_delete_select(make_widget, qtbot):
     key(viewer, qtbot, Qt.Key_N)
     key(viewer, qtbot, Qt.Key_N)
     assert sorted(w.session.labels.objects) == [1, 2] and w.current_label == 2
-    assert w.object_list.count() == 2
+    assert w.panel.object_list.count() == 2
     w.rename_object(1, "liver")
-    assert w.object_list.item(0).text().split("  —  ")[0] == "liver"
+    assert w.panel.object_list.item(0).text().split("  —  ")[0] == "liver"
     assert w.labels_layer.metadata["medsam_label_names"][1] == "liver"
     w.select_object(1)
     assert w.labels_layer.selected_label == 1
     w.delete_object(2)
-    assert list(w.session.labels.objects) == [1] and w.object_list.count() == 1
+    assert list(w.session.labels.objects) == [1] and w.panel.object_list.count() == 1
 
 
 def test_prompts_belong_to_their_object(make_widget):
@@ -73,10 +61,10 @@ def test_prompts_belong_to_their_object(make_widget):
     w.add_box((10, 10, 30, 30), z=3)
     w.select_object(a)
     assert len(w.fg_layer.data) == 1 and len(w.box_layer.data) == 0
-    pts, labels, box = w._prompts_on_slice(12)
+    pts, labels, box = w.prompt_layers.on_slice(12)[:3]
     assert box is None and labels.tolist() == [1] and np.allclose(pts, [[50, 60]])
     w.select_object(b)
-    assert w._prompts_on_slice(3)[2].tolist() == [10, 10, 30, 30]
+    assert w.prompt_layers.on_slice(3)[2].tolist() == [10, 10, 30, 30]
 
 
 def test_painting_syncs_undo_clear_and_stop(make_widget, qtbot):
@@ -101,7 +89,7 @@ def test_painting_syncs_undo_clear_and_stop(make_widget, qtbot):
 
 
 def test_segment_without_prompt_explains_what_to_do(make_widget, qtbot, monkeypatch):
-    import medsam_plugin.napari._widget as mod
+    import medsam_plugin.napari.widget.controller as mod
 
     seen = []
     monkeypatch.setattr(mod, "_notify", lambda kind, msg: seen.append((kind, msg)))
@@ -127,7 +115,7 @@ def test_autosave_is_offered_back(make_widget, qtbot, tmp_path):
     w.close()
     # The same scan opened again: "ask" enables the restore button; "restore" brings it back.
     w_ask = make("ask")
-    assert w_ask.restore_btn.isEnabled()
+    assert w_ask.panel.restore_btn.isEnabled()
     assert not w_ask.session.labels.array.any()
     assert w_ask.restore_autosave()
     np.testing.assert_array_equal(w_ask.session.labels.array, saved)
@@ -155,9 +143,9 @@ def test_changing_model_or_device_keeps_the_work(make_widget, qtbot):
     w.stop_here()  # erases slice 12 and its seed (undoable), marks it
     before = w.session.labels.array.copy()
     assert not (before[12] == obj).any() and 12 not in w.session.seeds[obj]
-    w.device_combo.setCurrentText("cpu")
+    w.panel.device_combo.setCurrentText("cpu")
     assert w.session.device == "cpu" and not w.session.model_loaded
-    w.model_combo.setEditText("sam_vit_b")
+    w.panel.model_combo.setEditText("sam_vit_b")
     w.change_model()
     assert w.session.model_name == "sam_vit_b" and not w.session.model_loaded
     np.testing.assert_array_equal(w.session.labels.array, before)
@@ -167,3 +155,19 @@ def test_changing_model_or_device_keeps_the_work(make_widget, qtbot):
     w.undo()
     assert (w.session.labels.array[12] == obj).sum() == seed.sum() and 12 in w.session.seeds[obj]
     np.testing.assert_array_equal(w.labels_layer.data, w.session.labels.array)
+
+
+def test_the_manifest_names_the_widget_package_and_the_old_path_still_imports():
+    import importlib
+
+    import yaml
+
+    from conftest import REPO_ROOT
+    from medsam_plugin.napari._widget import MedSAMWidget as Old
+    from medsam_plugin.napari.widget import MedSAMWidget
+
+    manifest = yaml.safe_load((REPO_ROOT / "napari.yaml").read_text())
+    [command] = [c for c in manifest["contributions"]["commands"] if c["id"] == "medsam-plugin.widget"]
+    module, name = command["python_name"].split(":")
+    assert getattr(importlib.import_module(module), name) is MedSAMWidget is Old
+    assert module == "medsam_plugin.napari.widget"

@@ -10,12 +10,9 @@ import pytest
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
-from fakes import FakePredictor, ellipsoid_zyx  # noqa: E402
+from fakes import FakePredictor  # noqa: E402
 
 pytestmark = pytest.mark.gui
-
-CASE = "ct_spleen_msd_spleen2_crop"
-
 
 class DoubtfulFake(FakePredictor):
     """The true object, with a predicted IoU that falls away from slice 12 (so confidence does too)."""
@@ -28,21 +25,11 @@ class DoubtfulFake(FakePredictor):
 
 
 @pytest.fixture
-def widget(make_napari_viewer, monkeypatch, tmp_path, sample_dir):
-    monkeypatch.setenv("MEDSAM_PLUGIN_CACHE", str(tmp_path / "cache"))
-    viewer = make_napari_viewer()
-    viewer.open(sample_dir / CASE / "image.nii.gz", plugin="medsam-plugin")
-    from medsam_plugin.napari._widget import MedSAMWidget
-
-    w = MedSAMWidget(viewer, autosave_policy="ignore", inline=True, embedding_cache=False)
-    viewer.window.add_dock_widget(w)
-    nz, ny, nx = w.session.shape_zyx
-    truth = ellipsoid_zyx(shape=(nz, ny, nx), center=(12, ny // 2, nx // 2), radii=(8, ny // 4, nx // 4))
-    w.session._predictor = DoubtfulFake(truth)
-    from medsam_plugin.engine.propagation import StopRules
-
-    w.session.stop_rules = StopRules(min_iou_with_previous=None)  # the ellipsoid's tips overlap little
-    return viewer, w, truth
+def widget(spleen_widget):
+    """(viewer, widget, truth): conftest's `spleen_widget`, its session answering through `DoubtfulFake`."""
+    viewer, build = spleen_widget
+    w = build(predictor=DoubtfulFake)
+    return viewer, w, w.truth
 
 
 def key(viewer, qtbot, k):
@@ -53,7 +40,7 @@ def key(viewer, qtbot, k):
 
 def strip_color(w, z):
     """The strip's colour in the middle of slice z's cell."""
-    image = w.confidence_strip.image
+    image = w.panel.confidence_strip.image
     n = w.session.shape_zyx[0]
     x = int((z + 0.5) * image.width() / n)
     return image.pixelColor(x, image.height() // 2)
@@ -63,7 +50,7 @@ def test_g_walks_the_least_confident_slices_and_the_strip_shows_them(widget, qtb
     from qtpy.QtCore import Qt
 
     from medsam_plugin.engine.propagation import bounding_box_xyxy
-    from medsam_plugin.napari._widget import STRIP_EMPTY, STRIP_SEED
+    from medsam_plugin.napari.widget.strip import STRIP_EMPTY, STRIP_SEED
 
     viewer, w, truth = widget
     z0 = 12
@@ -77,7 +64,7 @@ def test_g_walks_the_least_confident_slices_and_the_strip_shows_them(widget, qtb
     assert sorted(conf) == present and conf[z0] == 1.0
 
     # The strip: the seed blue, propagated slices coloured, slices outside the object grey.
-    assert not w.confidence_strip.pixmap().isNull()
+    assert not w.panel.confidence_strip.pixmap().isNull()
     assert strip_color(w, z0).rgb() == STRIP_SEED.rgb(), (strip_color(w, z0).getRgb(), STRIP_SEED.getRgb())
     outside = max(present) + 2
     assert strip_color(w, outside).rgb() == STRIP_EMPTY.rgb()
@@ -92,8 +79,8 @@ def test_g_walks_the_least_confident_slices_and_the_strip_shows_them(widget, qtb
         seen.append(w.current_z())
     assert seen == [z for _, z in expected[:3]]
     assert w.reviewed[w.current_label] == set(seen)
-    assert "confidence" in w.status.text()
-    image = w.confidence_strip.image
+    assert "confidence" in w.panel.status.text()
+    image = w.panel.confidence_strip.image
     cell = lambda z: int((z + 0.5) * image.width() / w.session.shape_zyx[0])  # noqa: E731
     assert image.pixelColor(cell(seen[0]), image.height() - 1).lightness() == 255  # reviewed tick
 
@@ -102,12 +89,12 @@ def test_g_walks_the_least_confident_slices_and_the_strip_shows_them(widget, qtb
         w.review_next()
     here = w.current_z()
     assert w.review_next() is None and w.current_z() == here
-    assert "reviewed" in w.status.text()
+    assert "reviewed" in w.panel.status.text()
 
     # A click on the strip shows that slice.
     from qtpy.QtCore import QPoint
 
-    qtbot.mouseClick(w.confidence_strip, Qt.LeftButton, pos=QPoint(cell(z0), 5))
+    qtbot.mouseClick(w.panel.confidence_strip, Qt.LeftButton, pos=QPoint(cell(z0), 5))
     assert w.current_z() == z0
 
     # Re-propagating rewrites the slices: they are to be reviewed again.

@@ -15,12 +15,9 @@ import pytest
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
-from fakes import FakePredictor, ellipsoid_zyx  # noqa: E402
+from fakes import FakePredictor  # noqa: E402
 
 pytestmark = pytest.mark.gui
-
-CASE = "ct_spleen_msd_spleen2_crop"
-
 
 class Fake(FakePredictor):
     loaded = None  # the widget remembers predictor.loaded after a run
@@ -40,25 +37,14 @@ class Fake(FakePredictor):
 
 
 @pytest.fixture
-def make(make_napari_viewer, monkeypatch, tmp_path, sample_dir):
-    monkeypatch.setenv("MEDSAM_PLUGIN_CACHE", str(tmp_path / "cache"))
-    viewer = make_napari_viewer()
-    viewer.open(sample_dir / CASE / "image.nii.gz", plugin="medsam-plugin")
+def make(spleen_widget):
+    """(viewer, build): conftest's `spleen_widget`, its session answering through `Fake`."""
+    viewer, build = spleen_widget
 
-    def build(inline=True, radius_z=8, gate_z=None, policy="ignore"):
-        from medsam_plugin.engine.propagation import StopRules
-        from medsam_plugin.napari._widget import MedSAMWidget
+    def build_fake(inline=True, radius_z=8, gate_z=None, policy="ignore"):
+        return build(inline=inline, radius_z=radius_z, policy=policy, predictor=Fake, gate_z=gate_z)
 
-        w = MedSAMWidget(viewer, autosave_policy=policy, inline=inline, embedding_cache=False)
-        viewer.window.add_dock_widget(w)
-        nz, ny, nx = w.session.shape_zyx
-        truth = ellipsoid_zyx(shape=(nz, ny, nx), center=(12, ny // 2, nx // 2), radii=(radius_z, ny // 4, nx // 4))
-        w.session._predictor = Fake(truth, gate_z=gate_z)
-        w.session.stop_rules = StopRules(min_iou_with_previous=None)  # the ellipsoid's tips overlap little
-        w.truth = truth
-        return w
-
-    return viewer, build
+    return viewer, build_fake
 
 
 def key(viewer, qtbot, k, modifier=None):
@@ -96,13 +82,13 @@ def test_cancel_after_the_last_slice_leaves_no_voxel_and_no_paint_step(make, qtb
     before = w.session.labels.array.copy()
     key(viewer, qtbot, Qt.Key_U)
     qtbot.waitUntil(w.session._predictor.reached.is_set, timeout=20_000)
-    qtbot.mouseClick(w.cancel_btn, Qt.LeftButton)
+    qtbot.mouseClick(w.panel.cancel_btn, Qt.LeftButton)
     w.session._predictor.gate.set()
     assert w.wait(20)
     qtbot.wait(50)  # any late progress report is delivered now
     np.testing.assert_array_equal(w.session.labels.array, before)
     np.testing.assert_array_equal(np.asarray(w.labels_layer.data), before)
-    assert "cancelled" in w.status.text()
+    assert "cancelled" in w.panel.status.text()
     key(viewer, qtbot, Qt.Key_A)
     assert not [e for e in w.session.labels._undo if e[0] == "paint"]
 
@@ -120,7 +106,7 @@ def test_cancel_mid_run_leaves_the_layer_as_the_session(make, qtbot):
     qtbot.waitUntil(lambda: np.asarray(pending.data).any(), timeout=5000)  # the run's slices show...
     # ...but never in the Labels layer, so no cancel can leave one behind there
     np.testing.assert_array_equal(np.asarray(w.labels_layer.data), before)
-    qtbot.mouseClick(w.cancel_btn, Qt.LeftButton)
+    qtbot.mouseClick(w.panel.cancel_btn, Qt.LeftButton)
     w.session._predictor.gate.set()
     assert w.wait(20)
     qtbot.wait(50)
@@ -165,7 +151,7 @@ def test_repropagation_keeps_the_brush_edits(make, qtbot):
 # ---------------------------------------------------------------- 6: small defects
 @pytest.fixture
 def notes(monkeypatch):
-    import medsam_plugin.napari._widget as mod
+    import medsam_plugin.napari.widget.controller as mod
 
     seen = []
     monkeypatch.setattr(mod, "_notify", lambda kind, msg: seen.append((kind, msg)))
@@ -177,14 +163,14 @@ def test_a_model_load_error_ends_the_busy_status_line(make, qtbot, notes):
 
     viewer, build = make
     w = build()
-    w.model_combo.setEditText("/nowhere/missing.pth")
+    w.panel.model_combo.setEditText("/nowhere/missing.pth")
     w.change_model()
     w.set_slice(12)
     w.add_box(box_of(w.truth[12]))
     key(viewer, qtbot, Qt.Key_S)
     assert notes and notes[-1][0] == "error"
-    assert "Segmenting slice" not in w.status.text() or "failed" in w.status.text()
-    assert "failed" in w.status.text()
+    assert "Segmenting slice" not in w.panel.status.text() or "failed" in w.panel.status.text()
+    assert "failed" in w.panel.status.text()
 
 
 def test_a_box_off_the_image_is_refused_with_a_sentence(make, qtbot, notes):
@@ -207,7 +193,7 @@ def test_s_or_p_with_nothing_to_work_on_makes_no_object(make, qtbot, notes):
     w = build()
     key(viewer, qtbot, Qt.Key_S)
     key(viewer, qtbot, Qt.Key_P)
-    assert not w.session.labels.objects and w.object_list.count() == 0
+    assert not w.session.labels.objects and w.panel.object_list.count() == 0
     assert "no prompt" in notes[0][1] and "no segmented slice" in notes[1][1]
 
 
@@ -257,7 +243,7 @@ def test_removing_the_scan_during_propagation_raises_nothing(make, qtbot):
     fake.gate.set()
     assert w.wait(20)
     qtbot.wait(100)  # late reports and the end of the worker are delivered: none may raise
-    assert w.session is None and "closed" in w.status.text()
+    assert w.session is None and "closed" in w.panel.status.text()
 
 
 # ---------------------------------------------------------------- 5: restore
@@ -279,17 +265,17 @@ def test_restore_brings_seeds_and_the_slice_in_progress_back_and_is_not_overwrit
     w.close()  # a kill -9 runs no handler; closing saves nothing either
 
     w2 = build(policy="ask")
-    assert w2.restore_btn.isEnabled()
-    assert not w2.restore_banner.isHidden() and "Restore autosave" in w2.restore_banner.text()  # in the panel
+    assert w2.panel.restore_btn.isEnabled()
+    assert not w2.panel.restore_banner.isHidden() and "Restore autosave" in w2.panel.restore_banner.text()  # in the panel
     # New work before answering the offer must not replace the autosave.
     w2.add_object("new")
     w2.labels_layer.paint((5, 30, 30), 1)
     qtbot.waitUntil(lambda: w2.session.labels.array.any(), timeout=5000)
-    qtbot.mouseClick(w2.restore_btn, Qt.LeftButton)
+    qtbot.mouseClick(w2.panel.restore_btn, Qt.LeftButton)
     np.testing.assert_array_equal(w2.session.labels.array, saved)
     assert sorted(w2.session.seeds[obj]) == [12]  # P can go on from the seed
     assert w2.pending is not None and w2.pending[0] == second and w2.pending[1].z == 12
     assert np.asarray(viewer.layers["MedSAM pending"].data[12]).any()
     w2.select_object(obj)
     key(viewer, qtbot, Qt.Key_P)
-    assert "no segmented slice" not in w2.status.text() and "Propagated" in w2.status.text()
+    assert "no segmented slice" not in w2.panel.status.text() and "Propagated" in w2.panel.status.text()

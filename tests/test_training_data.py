@@ -48,23 +48,55 @@ def _run_chain(cases):
         return [ds[i] for i in range(len(ds))]
 
 
-def test_chain_matches_engine_view_and_normalisation():
+def _rotation(degrees_z: float, degrees_x: float) -> np.ndarray:
+    a, b = np.deg2rad(degrees_z), np.deg2rad(degrees_x)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    return rz @ rx
+
+
+def _affine(linear: np.ndarray, origin=(-100.0, 80.0, 30.0)) -> np.ndarray:
+    affine = np.eye(4)
+    affine[:3, :3], affine[:3, 3] = linear, origin
+    return affine
+
+
+# The scans the two implementations of the view (io.SliceView on the stored grid, and the MONAI
+# chain's Orientationd("RAS") + ToSliceView) must agree on: RAS, LPS (as DICOM and ITK store them)
+# and oblique (tilted 20 and 10 degrees, voxel axes mixed: the nearest axes are used).
+SYNTHETIC_AFFINES = {
+    "lps": _affine(np.diag([-0.8, -0.8, 2.5])),
+    "oblique": _affine(_rotation(20.0, 10.0) @ np.diag([0.8, 0.9, 2.5])),
+    "oblique_lps_permuted": _affine((_rotation(-15.0, 25.0) @ np.diag([-0.9, -2.5, 0.8]))[:, [0, 2, 1]]),
+}
+
+
+@pytest.mark.parametrize("scan", ["sample", *SYNTHETIC_AFFINES])
+def test_chain_matches_engine_view_and_normalisation(scan, tmp_path):
     """The training view and intensities equal what the engine shows and feeds at inference."""
     from medsam_plugin.engine.preprocessing import normalize_volume
     from medsam_plugin.io import SliceView, read_labels, read_volume
 
-    case = SAMPLE / "ct_spleen_msd_spleen2_crop"
-    path = Path("dataset.json")
-    item = {"image": str(case / "image.nii.gz"), "label": str(case / "label.nii.gz"), "case": "spleen",
-            "modality": "CT", "labels_allowed": [0, 1], "objects": [1]}
+    if scan == "sample":
+        case = SAMPLE / "ct_spleen_msd_spleen2_crop"
+    else:
+        rng = np.random.default_rng(1)
+        shape = (22, 17, 9)
+        image = rng.integers(-1000, 1000, size=shape)
+        label = np.zeros(shape, np.uint8)
+        label[4:15, 3:11, 1:8] = 1
+        label[6:9, 4:7, 2:6] = 2  # asymmetric, so a wrong flip or transpose shows
+        _write(tmp_path, scan, image, label, affine=SYNTHETIC_AFFINES[scan])
+        case = tmp_path / scan
+    item = {"image": str(case / "image.nii.gz"), "label": str(case / "label.nii.gz"), "case": scan,
+            "modality": "CT", "labels_allowed": [0, 1, 2], "objects": [1]}
     out = _run_chain([item])[0]
     volume = read_volume(case / "image.nii.gz")
     view = SliceView(volume, axis="axial")
     expected_u8 = normalize_volume(view.to_view(volume.data_ijk), "CT", None)
     np.testing.assert_array_equal(out["image"], expected_u8)
     np.testing.assert_array_equal(out["label"], view.to_view(read_labels(case / "label.nii.gz", volume)))
-    assert sorted(out["slices"]) == [1] and len(out["slices"][1]) > 10
-    del path
+    assert sorted(out["slices"]) == [1] and len(out["slices"][1]) > (10 if scan == "sample" else 2)
 
 
 def test_pairs_and_prompts_in_the_model_frame(tmp_path):

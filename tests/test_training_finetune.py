@@ -142,7 +142,15 @@ def test_lora_trains_on_cpu_and_merges(tiny, tmp_path):
     state = read_checkpoint(out)["state_dict"]
     assert not any("lora" in k for k in state)  # adapters merged into plain qkv weights
     assert any(k.startswith("image_encoder.") for k in state)
-    assert load_model(out, device="cpu").sam.image_encoder is not None
+    # the loaded model's encoder is the merged one: the saved weights, and not the stock encoder's
+    encoder = load_model(out, device="cpu").sam.image_encoder.state_dict()
+    saved = {k[len("image_encoder."):]: v for k, v in state.items() if k.startswith("image_encoder.")}
+    assert saved.keys() == encoder.keys()
+    for key, value in saved.items():
+        torch.testing.assert_close(encoder[key], value.to(encoder[key].dtype), rtol=0, atol=0)
+    stock = load_model("lite_medsam", device="cpu").sam.image_encoder.state_dict()
+    moved = [k for k in saved if k.endswith("qkv.weight") and not torch.equal(stock[k], encoder[k])]
+    assert moved  # the trained adapters were merged into the attention's qkv weights
 
 
 def test_lora_merge_is_exact():

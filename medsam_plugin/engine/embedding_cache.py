@@ -18,16 +18,16 @@ import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 
 from ..io.atomic import atomic_write
 
 EMBEDDING_SHAPE = (256, 64, 64)
-EMBEDDING_BYTES_FP16 = 256 * 64 * 64 * 2
 _MAGIC = b"MSEMB\x01\x00\x00"  # format 1: magic, sha1(payload) (20 bytes), float16 payload
 _DIGEST_BYTES = 20
-ENTRY_BYTES = len(_MAGIC) + _DIGEST_BYTES + EMBEDDING_BYTES_FP16
+ENTRY_BYTES = len(_MAGIC) + _DIGEST_BYTES + int(np.prod(EMBEDDING_SHAPE)) * 2  # float16 payload
 log = logging.getLogger(__name__)
 
 
@@ -83,10 +83,6 @@ class EmbeddingCache:
         with self._lock:
             self._memory.clear()
             self._signatures = dict(signatures or {})
-
-    def set_signature(self, z: int, signature: str) -> None:
-        with self._lock:
-            self._signatures[z] = signature
 
     @property
     def bytes_in_memory(self) -> int:
@@ -154,3 +150,31 @@ def _atomic_save_npy(path: Path, value: np.ndarray) -> None:
         atomic_write(path, write, suffix=".tmp", durable=False)  # an entry checks itself on reading
     except OSError:
         pass  # a full or read-only cache disk only costs speed, never the result
+
+
+def cached_embeddings(slices_u8: Sequence[np.ndarray], encode: Callable[[np.ndarray], np.ndarray], model_key: str,
+                      disk_dir: str | os.PathLike | None = None, batch_size: int = 1,
+                      progress: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
+    """The (256, 64, 64) float16 embeddings of `slices_u8`, through an `EmbeddingCache` on `disk_dir`.
+
+    A slice whose entry (`<slice_signature(slice, model_key)>.emb`) is on disk and intact is read;
+    the others (and damaged entries, which are removed) are encoded with `encode` ((B, H, W) uint8
+    -> (B, 256, 64, 64), e.g. `engine.predictor.encode_slices`), `batch_size` at a time (slices of
+    one batch must share a shape), and kept there. `progress(n, n_to_encode)` after each batch
+of n slices encoded. Fine-tuning
+    fills and reads its caches with this, so they check themselves as the engine's do.
+    """
+    cache = EmbeddingCache(max_bytes=0, disk_dir=disk_dir)  # disk only: the caller keeps the list
+    if cache.disk_dir is not None:
+        cache.reset({i: slice_signature(s, model_key) for i, s in enumerate(slices_u8)})
+    out: list[np.ndarray | None] = [cache.get(i) for i in range(len(slices_u8))]
+    todo = [i for i, value in enumerate(out) if value is None]
+    batch_size = max(1, int(batch_size))
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        for i, emb in zip(chunk, encode(np.stack([slices_u8[i] for i in chunk]))):
+            out[i] = np.ascontiguousarray(emb, dtype=np.float16)
+            cache.put(i, out[i])
+        if progress is not None:
+            progress(len(chunk), len(todo))
+    return out  # type: ignore[return-value]

@@ -28,6 +28,38 @@ DECODERS = ("fast", "reference")
 STATE_SLOTS = 2
 
 
+def model_key(spec, encoder=None) -> str:
+    """The one identity of a model's embeddings: model, preprocessing and the encoder path.
+
+    Every embedding cache (the engine's, fine-tuning's) names its entries by this key. The model's
+    own fp32 encoder (`encoder` None) keeps the plain key (so earlier disk caches stay valid); a
+    fast path (bf16, OpenVINO, compiled...) adds its own `key`, so its embeddings never mix with
+    fp32 ones.
+    """
+    key = getattr(spec, "embedding_key", "") or \
+        f"{spec.name}:{getattr(spec, 'sha256', None)}:{spec.image_size}:{spec.normalization}"
+    if encoder is not None:
+        key += ":" + str(getattr(encoder, "key", None) or f"encoder={type(encoder).__module__}.{type(encoder).__qualname__}")
+    return key
+
+
+def encode_slices(loaded, slices_u8: np.ndarray, encoder: Callable | None = None) -> np.ndarray:
+    """The one path from slices to embeddings: (B, H, W) uint8 windowed slices -> the model's
+    preprocessing (`slices_to_model_input`) -> the image encoder (`encoder`, a fast path from
+    `model.fast.make_encoder`, else the model's own) -> (B, 256, 64, 64) float32 numpy.
+
+    `SlicePredictor` and fine-tuning both encode through this, so training sees the embeddings
+    inference computes.
+    """
+    import torch
+
+    x, _ = slices_to_model_input(np.asarray(slices_u8), loaded.spec.image_size, loaded.spec.normalization)
+    x = x.to(loaded.device)
+    with torch.inference_mode():
+        emb = encoder(x) if encoder is not None else loaded.sam.image_encoder(x)
+    return emb.float().cpu().numpy()
+
+
 @dataclass
 class SlicePrediction:
     """The model's answer for one prompt on one slice.
@@ -86,17 +118,8 @@ class SlicePredictor:
     # ------------------------------------------------------------------ volume and embeddings
     @property
     def model_key(self) -> str:
-        """Identifies the embeddings' numerics: model, preprocessing and the encoder path.
-
-        The model's own fp32 encoder keeps the plain key (so earlier disk caches stay valid); a
-        fast path (bf16, compiled...) adds its own `key`, so its embeddings never mix with fp32 ones.
-        """
-        key = getattr(self.spec, "embedding_key", "") or \
-            f"{self.spec.name}:{getattr(self.spec, 'sha256', None)}:{self.spec.image_size}:{self.spec.normalization}"
-        if self._encoder is not None:
-            enc = self._encoder
-            key += ":" + str(getattr(enc, "key", None) or f"encoder={type(enc).__module__}.{type(enc).__qualname__}")
-        return key
+        """Identifies the embeddings' numerics: model, preprocessing and the encoder path (`model_key`)."""
+        return model_key(self.spec, self._encoder)
 
     @property
     def preferred_batch(self) -> int:
@@ -136,14 +159,9 @@ class SlicePredictor:
         return z in self.cache
 
     def _encode(self, zs: Sequence[int]):
-        import torch
-
-        x, _ = slices_to_model_input(self.volume[list(zs)], self.spec.image_size, self.spec.normalization)
-        x = x.to(self.device)
-        with torch.inference_mode():
-            emb = self._encoder(x) if self._encoder is not None else self.sam.image_encoder(x)
+        emb = encode_slices(self.loaded, self.volume[list(zs)], self._encoder)
         self.encode_count += len(zs)
-        return emb.float().cpu().numpy()
+        return emb
 
     def embedding(self, z: int):
         """(1, 256, 64, 64) float32 torch tensor on the model's device for slice z (cached)."""
@@ -228,22 +246,17 @@ class SlicePredictor:
             raise ValueError("A prediction needs at least one prompt: points, a box, or a mask.")
 
         with torch.inference_mode():
-            if self._dense_pe is None:
-                self._dense_pe = self.sam.prompt_encoder.get_dense_pe()
-            sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=masks)
             if self.decoder_name == "fast":
+                if self._dense_pe is None:
+                    self._dense_pe = self.sam.prompt_encoder.get_dense_pe()
+                sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=masks)
                 fast = self._fast()
                 state = self._slice_state(z) if masks is None else fast.slice_state(self.embedding(z), dense)
                 low_res, iou = fast.decode(state, sparse, multimask)
                 low_res, iou = low_res[None], iou[None]
-            else:
-                low_res, iou = self.sam.mask_decoder(
-                    image_embeddings=self.embedding(z),
-                    image_pe=self._dense_pe,
-                    sparse_prompt_embeddings=sparse,
-                    dense_prompt_embeddings=dense,
-                    multimask_output=multimask,
-                )  # low_res: 1,M,256,256; iou: 1,M
+            else:  # the model's own prompt encoder + mask decoder, as fine-tuning runs them
+                low_res, iou = self.sam.decode(self.embedding(z), points=points, boxes=boxes, masks=masks,
+                                               multimask_output=multimask)  # low_res: 1,M,256,256; iou: 1,M
             full = logits_to_mask(low_res[0], geom)  # M,H,W
         self.decode_count += 1
         ious = iou[0].float().cpu().numpy()

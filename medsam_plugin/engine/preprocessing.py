@@ -1,8 +1,11 @@
 """Intensity normalisation and the slice -> model-input geometry.
 
-Everything here is the preprocessing LiteMedSAM was trained with (see FACTS.md): CT clipped to a
-window and scaled to 0-255, MR clipped to the 0.5-99.5 percentiles of non-zero voxels, each slice
-resized so its longest side equals the model's input size, min-max scaled, zero-padded bottom/right.
+Everything here is the preprocessing MedSAM and LiteMedSAM were trained with (the MedSAM project,
+bowang-lab/MedSAM and its LiteMedSAM branch; Ma et al., Nature Communications 15, 654, 2024): CT
+clipped to a window and scaled to 0-255, MR clipped to the 0.5-99.5 percentiles of non-zero voxels,
+each slice resized so its longest side equals the model's input size, min-max scaled, zero-padded
+bottom/right. SAM's own checkpoints instead take SAM's ImageNet pixel mean/std (`SAM_PIXEL_MEAN`,
+`SAM_PIXEL_STD`, kept here as the one home of the constants).
 """
 
 from __future__ import annotations

@@ -49,21 +49,12 @@ class ObjectPrompts:
 
 
 def load_prompts(path) -> dict:
+    """The prompts document in a JSON file; PromptError with a sentence when it cannot be used."""
+    from ..io.jsonfile import read_json_file
+
     path = Path(path)
-    if path.is_dir():
-        raise PromptError(f"Prompts path {path} is a folder, not a JSON file. Point to the prompts .json file.")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PromptError(f"Prompts file {path} does not exist.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PromptError(f"Prompts file {path} is not valid JSON ({exc}). See the README for the format.") from None
-    except RecursionError:
-        raise PromptError(f"Prompts file {path} is nested too deeply to be a prompts file. See the README for "
-                          f"the format.") from None
-    except OSError as exc:
-        raise PromptError(f"Prompts file {path} cannot be read ({exc.strerror or exc}). Check the path and its "
-                          f"permissions.") from None
+    data = read_json_file(path, "prompts file", fix="See the README for the format.",
+                          point_to="the prompts .json file", error=PromptError)
     if not isinstance(data, dict):
         raise PromptError(f"Prompts file {path} must hold a JSON object with an 'objects' list.")
     return data

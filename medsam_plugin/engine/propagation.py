@@ -413,14 +413,25 @@ def clicked_seed(pred: SlicePrediction) -> bool:
     return prompt.get("box_xyxy") is None and not prompt.get("mask") and points is not None and len(points) > 0
 
 
-def _walk(predictor, start: SlicePrediction, targets: list[int], mode: str, stop: StopRules,
-          seed: SlicePrediction, cancel: threading.Event | None = None, candidates: str = DEFAULT_CANDIDATES,
+@dataclass(frozen=True)
+class WalkSettings:
+    """What every walk of one propagation shares: the prompt `mode`, the `stop` rules, the
+    `candidates` rule and the `cancel` event (see `propagate`)."""
+
+    mode: str = DEFAULT_MODE
+    stop: StopRules = field(default_factory=StopRules)
+    candidates: str = DEFAULT_CANDIDATES
+    cancel: threading.Event | None = None
+
+
+def _walk(predictor, start: SlicePrediction, targets: list[int], seed: SlicePrediction, settings: WalkSettings,
           ) -> Generator[tuple[int, SlicePrediction | None, str | None, SliceSignals | None], None, None]:
     """Visit `targets` in order from `start` (the seed, or where this walk got to before).
 
     Yields (z, prediction or None, stop reason or None, signals or None); the walk ends after the
     first slice with a reason.
     """
+    mode, stop, cancel, candidates = settings.mode, settings.stop, settings.cancel, settings.candidates
     previous = start
     volume = predictor.volume
     hw = volume.shape[1:]
@@ -494,6 +505,7 @@ def propagate(
     if candidates not in CANDIDATE_RULES:
         raise ValueError(f"candidates must be one of {', '.join(CANDIDATE_RULES)}, not {candidates!r}.")
     stop = stop or StopRules()
+    walk = WalkSettings(mode=mode, stop=stop, candidates=candidates, cancel=cancel)
     n = predictor.n_slices
     order = sorted(seeds)
     # The plan: outer walks and the gaps between neighbouring seeds, in visiting order.
@@ -515,7 +527,7 @@ def propagate(
     def run(name, seed_z, start, targets):
         """Run one walk; yields Progress, returns (last kept prediction, stop reason or None)."""
         last = start
-        for z, pred, reason, sig in _walk(predictor, start, targets, mode, stop, seeds[seed_z], cancel, candidates):
+        for z, pred, reason, sig in _walk(predictor, start, targets, seeds[seed_z], walk):
             progress["done"] = min(progress["done"] + 1, progress["cap"])  # a gap slice may be tried twice
             if pred is None:
                 if sig is not None:

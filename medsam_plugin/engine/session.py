@@ -1,8 +1,15 @@
-"""SegmentationSession: the one object the CLI and the napari widget talk to.
+"""SegmentationSession: the one object the CLI, the evaluation and the napari widget talk to.
 
 It ties a `Volume` to its radiological slice view, the preprocessed uint8 volume, a lazily loaded
 model with its per-slice embedding cache, the objects being segmented with their seeds, and the
 multi-object label volume with undo. All coordinates here are view coordinates (z, row, col).
+
+The interactive workflow's rules live here too, so every front end shares them and tests reach
+them without Qt: what new prompts mean (`prepare_prompt`: a correction or a fresh start), the slice
+result shown but not accepted (`hold_pending` / `accept_pending`), corrections (`correct`), brush
+edits that survive propagation (`paint`, `take_painting`), the overlap rule (`set_overlap`,
+`overlapping_objects`), locks, clearing, review order (`next_to_review`), and the whole state an
+autosave keeps (`to_state` / `from_state`).
 """
 
 from __future__ import annotations
@@ -24,6 +31,36 @@ from .propagation import (DEFAULT_CANDIDATES, DEFAULT_MODE, Progress, Propagatio
                           propagate)
 
 log = logging.getLogger(__name__)
+
+
+def mask_to_runs(mask: np.ndarray) -> list[int]:
+    """A 2D bool mask as run-length pairs [start, length, ...] over its row-major flattening (compact JSON)."""
+    flat = np.asarray(mask, dtype=bool).ravel()
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], flat.view(np.uint8), [0]))))
+    starts, ends = edges[0::2], edges[1::2]
+    return np.column_stack([starts, ends - starts]).ravel().astype(int).tolist()
+
+
+def runs_to_mask(runs, shape_hw) -> np.ndarray:
+    """`mask_to_runs` taken back to a (H, W) bool mask."""
+    flat = np.zeros(int(np.prod(shape_hw)), dtype=bool)
+    pairs = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
+    for start, length in pairs:
+        flat[start:start + length] = True
+    return flat.reshape(tuple(int(v) for v in shape_hw))
+
+
+def mask_logits_256(mask: np.ndarray) -> np.ndarray:
+    """A mask as low-res logits in the decoder's 256 x 256 frame (longest side scaled to 256, padded
+    bottom/right), +8 inside and -8 outside, so mask-prompted modes can use a mask nobody predicted."""
+    mask = np.asarray(mask, dtype=bool)
+    h, w = mask.shape
+    vh, vw = max(1, int(round(h * 256 / max(h, w)))), max(1, int(round(w * 256 / max(h, w))))
+    rows = np.minimum((np.arange(vh) + 0.5) * h / vh, h - 1).astype(int)
+    cols = np.minimum((np.arange(vw) + 0.5) * w / vw, w - 1).astype(int)
+    logits = np.full((256, 256), -8.0, dtype=np.float32)
+    logits[:vh, :vw] = np.where(mask[rows][:, cols], 8.0, -8.0)
+    return logits
 
 
 class SegmentationSession:
@@ -65,6 +102,12 @@ class SegmentationSession:
         self.locked: set[int] = set()  # objects nothing may change (their voxels, seeds, painting)
         self.overlaps: dict[int, dict[int, np.ndarray]] = {}  # "allow": per object, per slice, voxels others hold
         self.withheld: dict[int, int] = {}  # the last commit: other label id -> voxels it kept from the object
+        # What the user drew and saw, which the autosave keeps: per object, the prompts drawn (view
+        # coordinates, {"fg": (N, 3), "bg": (N, 3), "boxes": [(4, 3)]}); the slice result shown but not
+        # accepted yet (label id, SlicePrediction); the propagated slices the user has reviewed.
+        self.prompts: dict[int, dict] = {}
+        self.pending: tuple[int, SlicePrediction] | None = None
+        self.reviewed: dict[int, set[int]] = {}
         self._propagated: dict[int, dict[int, SlicePrediction]] = {}
         # Per object: slice -> confidence / stop signals of its last propagation, and why its walks ended.
         self._confidence: dict[int, dict[int, float]] = {}
@@ -167,22 +210,28 @@ class SegmentationSession:
         self.edits.pop(label_id, None)
         self.seeds.pop(label_id, None)
         self.stop_slices.pop(label_id, None)
-        self._propagated.pop(label_id, None)
-        for per_object in (self._confidence, self.signals, self.stopped):
-            per_object.pop(label_id, None)
+        self._forget_work(label_id)
 
     def clear_object(self, label_id: int) -> int:
-        """Erase an object's voxels, seeds, brush edits and stop slices (voxels undoable); the object stays."""
+        """Erase an object's voxels, seeds, brush edits, stop slices, prompts, review marks and its slice
+        result not accepted yet (voxels undoable); the object stays."""
         self._require(label_id)
+        self._require_unlocked(label_id)
         changed = self.labels.clear_object(label_id)
         self.seeds[label_id] = {}
         self.edits.pop(label_id, None)
         self.overlaps.pop(label_id, None)
         self.stop_slices.pop(label_id, None)  # a cleared object starts over: nothing bars its walks
-        self._propagated.pop(label_id, None)
-        for per_object in (self._confidence, self.signals, self.stopped):
-            per_object.pop(label_id, None)
+        self._forget_work(label_id)
         return changed
+
+    def _forget_work(self, label_id: int) -> None:
+        """Drop what the object's propagations, prompts and review left (a removed or cleared object)."""
+        self._propagated.pop(label_id, None)
+        for per_object in (self._confidence, self.signals, self.stopped, self.prompts, self.reviewed):
+            per_object.pop(label_id, None)
+        if self.pending is not None and self.pending[0] == label_id:
+            self.pending = None
 
     @property
     def confidence(self) -> dict[int, dict[int, float]]:
@@ -193,11 +242,11 @@ class SegmentationSession:
         """Slice -> how sure the engine is of object `label_id` there, in [0, 1], for the slices it holds now.
 
         Seeds (user-prompted slices) are 1.0, propagated slices carry their `slice_confidence`;
-        slices the object holds only because the user painted them have no entry. Read from the
-        current labels, so it follows undo, clearing and "stop here".
+        slices the object holds only because the user painted them have no entry. Read from what
+        the object holds now (`object_mask`), so it follows undo, clearing and "stop here".
         """
         self._require(label_id)
-        present = (self.labels.array == label_id).any(axis=(1, 2))
+        present = self.object_mask(label_id).any(axis=(1, 2))  # under "allow", its overlaps count
         scores = {z: c for z, c in self._confidence.get(label_id, {}).items() if present[z]}
         scores.update({z: 1.0 for z in self.seeds.get(label_id, {}) if present[z]})
         return dict(sorted(scores.items()))
@@ -230,8 +279,7 @@ class SegmentationSession:
 
     def _commit(self, label_id: int, masks: dict[int, np.ndarray], what: str) -> int:
         """Write an object's masks under the overlap rule; count in `withheld` what other objects kept."""
-        if label_id in self.locked:
-            raise PermissionError(f"'{self.labels.objects[label_id].name}' is locked: unlock it to change it.")
+        self._require_unlocked(label_id)
         arr = self.labels.array
         withheld: dict[int, int] = {}
         kept_apart: dict[int, np.ndarray] = {}
@@ -259,12 +307,22 @@ class SegmentationSession:
         return changed
 
     def object_mask(self, label_id: int) -> np.ndarray:
-        """(Z, H, W) bool: the object's own result, its overlaps with other objects included ("allow")."""
+        """(Z, H, W) bool: the object's own result: under "allow", its overlaps with other objects included;
+        under the other rules, what the label map gives it."""
         self._require(label_id)
         mask = self.labels.array == label_id
-        for z, extra in self.overlaps.get(label_id, {}).items():
-            mask[z] |= extra
+        if self.overlap == "allow":
+            for z, extra in self.overlaps.get(label_id, {}).items():
+                mask[z] |= extra
         return mask
+
+    def overlapping_objects(self) -> list[int]:
+        """Under "allow": the objects whose own extent goes beyond what the label map gives them, because
+        other objects hold some of it. Each is shown in a layer and written to a file of its own."""
+        if self.overlap != "allow":
+            return []
+        return sorted(k for k, by_z in self.overlaps.items()
+                      if k in self.labels.objects and any(m.any() for m in by_z.values()))
 
     def withheld_sentence(self, label_id: int) -> str:
         """What the last commit of `label_id` did not get and why, or "" when it got everything."""
@@ -279,6 +337,150 @@ class SegmentationSession:
         why = "locked" if self.overlap == "all" else "overwrite none"
         return (f"{total:,} voxels were withheld: they belong to {names} ({why}). Choose 'overwrite all' or "
                 "'allow overlap' under Overlap to change that.")
+
+    def commit_note(self, label_id: int) -> str:
+        """`withheld_sentence`, led by "'<name>' got no voxel: " when the rule left the object empty ("" when
+        the last commit got everything)."""
+        note = self.withheld_sentence(label_id) if label_id in self.labels.objects else ""
+        if note and not self.object_mask(label_id).any():
+            note = f"'{self.labels.objects[label_id].name}' got no voxel: " + note
+        return note
+
+    # ------------------------------------------------------------------ objects: colour, lock, volume
+    def set_color(self, label_id: int, rgb) -> None:
+        self._require(label_id)
+        self.labels.objects[label_id].color = tuple(int(c) for c in tuple(rgb)[:3])
+
+    def set_locked(self, label_id: int, locked: bool | None = None) -> bool:
+        """Lock an object (nothing may change it: segmenting, propagating, painting, clearing, stopping, nor
+        other objects' results) or unlock it; None toggles. Returns whether it is locked now."""
+        self._require(label_id)
+        locked = (label_id not in self.locked) if locked is None else bool(locked)
+        (self.locked.add if locked else self.locked.discard)(label_id)
+        return locked
+
+    @property
+    def voxel_ml(self) -> float:
+        """The volume of one voxel in millilitres."""
+        spacing = np.linalg.norm(np.asarray(self.view.view_affine, dtype=np.float64)[:3, :3], axis=0)
+        return float(np.prod(spacing)) / 1000.0
+
+    def volume_ml(self, label_id: int) -> float:
+        """The object's volume in mL (`object_mask`: its whole extent under "allow")."""
+        self._require(label_id)
+        return self.volumes_ml()[label_id]
+
+    def volumes_ml(self) -> dict[int, float]:
+        """Every object's `volume_ml`, from one pass over the label map."""
+        objs = self.labels.objects
+        counts = np.bincount(self.labels.array.ravel(), minlength=max(objs, default=0) + 1)
+        voxels = {k: int(counts[k]) for k in objs}
+        if self.overlap == "allow":  # what others hold of an object is apart from its own voxels in the map
+            for k, by_z in self.overlaps.items():
+                if k in voxels:
+                    voxels[k] += int(sum(int(m.sum()) for m in by_z.values()))
+        return {k: n * self.voxel_ml for k, n in voxels.items()}
+
+    @property
+    def has_work(self) -> bool:
+        """Whether anything was done yet (an object, or a labelled voxel)."""
+        return bool(self.labels.objects) or bool(self.labels.array.any())
+
+    def was_propagated(self, label_id: int) -> bool:
+        return label_id in self._propagated
+
+    @property
+    def reads_points(self) -> bool:
+        """Whether the model was trained on point prompts (from its spec; loads nothing). A file the
+        registry does not know counts as reading them."""
+        spec = getattr(self._predictor, "spec", None) if self._predictor is not None else None
+        if spec is None:
+            spec = getattr(self._loaded, "spec", None)
+        if spec is None:
+            from ..model.registry import REGISTRY
+
+            spec = REGISTRY.get(str(self.model_name))
+        return spec is None or "points" in getattr(spec, "prompts", ("box", "points"))
+
+    # ------------------------------------------------------------------ the slice result shown, not accepted
+    def hold_pending(self, label_id: int, pred: SlicePrediction) -> int | None:
+        """Hold `pred` as the slice result shown but not accepted (`pending`). One held for another slice
+        or object is accepted first: moving on keeps what the user saw. Returns the label id it
+        accepted, or None."""
+        self._require(label_id)
+        kept = None
+        if self.pending is not None and (self.pending[0], self.pending[1].z) != (label_id, pred.z):
+            kept = self.accept_pending()
+        self.pending = (label_id, pred)
+        return kept
+
+    def accept_pending(self) -> int | None:
+        """Accept the held slice result (`accept`: a seed, in the labels). Returns its label id, or None
+        when none was held or its object is gone or locked (then it is dropped)."""
+        if self.pending is None:
+            return None
+        label_id, pred = self.pending
+        self.pending = None
+        if label_id not in self.labels.objects or label_id in self.locked:
+            return None
+        self.accept(label_id, pred)
+        return label_id
+
+    def drop_pending(self) -> bool:
+        """Forget the held slice result; returns whether there was one."""
+        held, self.pending = self.pending is not None, None
+        return held
+
+    def prepare_prompt(self, label_id: int, z: int, box_xyxy=None) -> bool:
+        """What new prompts on slice z of the object mean (the correction rule); returns True for a correction.
+
+        Without a box, prompts on the held slice result of this object and slice refine it, so it is
+        accepted first. Prompts without a box on a slice the object holds are a correction: the clicks
+        refine its current mask there (`segment_slice(use_current_mask=True)`) and, once accepted,
+        `correct` re-propagates it if the object was propagated. With a box they start over.
+        """
+        self._require(label_id)
+        if box_xyxy is None and self.pending is not None and (self.pending[0], self.pending[1].z) == (label_id, int(z)):
+            self.accept_pending()
+        return box_xyxy is None and bool((self.labels.array[int(z)] == label_id).any())
+
+    # ------------------------------------------------------------------ prompts drawn
+    def store_prompts(self, label_id: int, fg=(), bg=(), boxes=()) -> None:
+        """Keep the prompts drawn for an object (view coordinates): inside / outside points (N, 3) and
+        boxes, each (4, 3) corners (z, row, col). The autosave keeps them (`to_state`)."""
+        self._require(label_id)
+        self.prompts[label_id] = {"fg": np.asarray(fg, dtype=np.float64).reshape(-1, 3).copy(),
+                                  "bg": np.asarray(bg, dtype=np.float64).reshape(-1, 3).copy(),
+                                  "boxes": [np.asarray(b, dtype=np.float64).reshape(-1, 3).copy() for b in boxes]}
+
+    def prompts_of(self, label_id: int | None) -> dict:
+        """The prompts kept for an object ({"fg", "bg", "boxes"}; empty ones when none)."""
+        p = self.prompts.get(label_id, {}) if label_id is not None else {}
+        return {"fg": np.asarray(p.get("fg", np.zeros((0, 3))), dtype=np.float64).reshape(-1, 3),
+                "bg": np.asarray(p.get("bg", np.zeros((0, 3))), dtype=np.float64).reshape(-1, 3),
+                "boxes": [np.asarray(b, dtype=np.float64) for b in p.get("boxes", [])]}
+
+    # ------------------------------------------------------------------ review
+    def to_review(self, label_id: int, confidence: dict[int, float] | None = None) -> dict[int, float]:
+        """The object's propagated slices (not its seeds) the user has not reviewed yet: z -> confidence.
+
+        confidence: `confidence_of(label_id)` when the caller has it already.
+        """
+        seeds = self.seeds.get(label_id, {})
+        done = self.reviewed.get(label_id, set())
+        conf = self.confidence_of(label_id) if confidence is None else confidence
+        return {z: c for z, c in conf.items() if z not in seeds and z not in done}
+
+    def next_to_review(self, label_id: int) -> int | None:
+        """The object's least confident propagated slice not yet reviewed, now marked reviewed; None when
+        every one has been. A correction makes its slice a seed (no review needed); a propagation asks
+        for the slices it rewrote to be reviewed again."""
+        todo = self.to_review(label_id)
+        if not todo:
+            return None
+        z = min(todo, key=lambda k: (todo[k], k))
+        self.reviewed.setdefault(label_id, set()).add(z)
+        return z
 
     # ------------------------------------------------------------------ brush edits
     def paint(self, new_array: np.ndarray, what: str = "paint") -> int:
@@ -311,6 +513,33 @@ class SegmentationSession:
             self.seeds.setdefault(label, {})
         return changed
 
+    def take_painting(self, painted: np.ndarray, what: str = "paint") -> tuple[int, int]:
+        """The label volume the user painted (view frame), under the workflow's rules, as one undoable step.
+
+        Voxels a locked object holds, or would get, are refused (they keep their label). A held slice
+        result (`pending`) is accepted first, and the brush strokes win over it. Returns (voxels
+        changed, voxels refused); the caller shows the labels again when some were refused.
+        """
+        painted = np.asarray(painted)
+        if painted.shape != self.labels.array.shape:
+            raise ValueError(f"Label array has shape {painted.shape}; expected {self.labels.array.shape}.")
+        old = self.labels.array
+        stroke = painted != old
+        if not stroke.any():
+            return 0, 0
+        refused = 0
+        if self.locked:
+            locked = list(self.locked)
+            touched = stroke & (np.isin(old, locked) | np.isin(painted, locked))
+            refused = int(touched.sum())
+            if refused:
+                stroke &= ~touched
+                if not stroke.any():
+                    return 0, refused
+        if self.pending is not None:
+            self.accept_pending()
+        return self.paint(np.where(stroke, painted, self.labels.array), what=what), refused
+
     def _apply_edits(self, label_id: int, masks: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
         """masks (z -> (H, W) bool) of `label_id` with its brush edits applied; slices it painted are added."""
         edits = self.edits.get(label_id, {})
@@ -326,6 +555,10 @@ class SegmentationSession:
     def _require(self, label_id: int) -> None:
         if label_id not in self.labels.objects:
             raise KeyError(f"There is no object with label {label_id}. Add it first (add_object).")
+
+    def _require_unlocked(self, label_id: int) -> None:
+        if label_id in self.locked:
+            raise PermissionError(f"'{self.labels.objects[label_id].name}' is locked: unlock it to change it.")
 
     # ------------------------------------------------------------------ one slice
     def segment_slice(self, label_id: int, z: int, points_yx=None, point_labels=None, box_xyxy=None,
@@ -350,9 +583,19 @@ class SegmentationSession:
             mask_logits = previous.logits_256
             if box_xyxy is None and previous.prompt.get("box_xyxy") is not None:
                 box_xyxy = previous.prompt["box_xyxy"]
+        # Clicks alone say little about an object's extent; a model trained on its own logits
+        # answers better when its first answer is fed back with the same clicks.
+        refine = 0
+        if n_points and box_xyxy is None and mask_logits is None and not multimask:
+            refine = int(getattr(getattr(self.predictor, "spec", None), "click_refine_passes", 0) or 0)
         with self._lock:
             pred = self.predictor.predict(z, points_yx=points_yx, point_labels=point_labels, box_xyxy=box_xyxy,
                                           mask_logits_256=mask_logits, multimask=multimask)
+            for _ in range(refine):
+                answer = self.predictor.predict(z, points_yx=points_yx, point_labels=point_labels,
+                                                mask_logits_256=pred.logits_256, multimask=False)
+                # The prompt the user gave is what the slice remembers (and a correction builds on).
+                pred = dataclasses.replace(answer, prompt={**answer.prompt, "mask": False})
         if commit:
             self.accept(label_id, pred)
         return pred
@@ -391,25 +634,57 @@ class SegmentationSession:
         return result
 
     # ------------------------------------------------------------------ state (autosave)
-    def to_state(self) -> dict:
-        """The session's work besides the voxels, as JSON-able data (`from_state` takes it back)."""
-        return {
-            "format": "medsam_plugin.session/1",
+    STATE_FORMAT = "medsam_plugin.session/2"
+
+    def to_state(self, current: int | None = None) -> dict:
+        """The session's work besides the voxels, as JSON-able data (`from_state` takes it back).
+
+        Objects (names, colours), seed and stop slices, which objects were propagated, the overlap
+        rule and its overlaps, locks, brush edits (kept through later propagations), the prompts
+        drawn, the review marks, the slice result not yet accepted and `current`, the object the
+        user works on. Masks are run-length coded (`mask_to_runs`).
+        """
+        objects = self.labels.objects
+
+        def per_slice(masks_by_object: dict) -> dict:
+            return {str(k): {str(z): [mask_to_runs(m) for m in (ms if isinstance(ms, tuple) else (ms,))]
+                             for z, ms in sorted(by_z.items())}
+                    for k, by_z in masks_by_object.items() if k in objects and by_z}
+
+        state = {
+            "format": self.STATE_FORMAT,
             "scan": str(self.volume.source_path) if getattr(self.volume, "source_path", None) else None,
             "axis": self.view.axis,
-            "objects": [{"label_id": k, "name": o.name, "color": list(o.color)} for k, o in self.labels.objects.items()],
-            "stop_slices": {str(k): sorted(self.stop_slices.get(k, ())) for k in self.labels.objects},
-            "seed_slices": {str(k): sorted(v) for k, v in self.seeds.items() if k in self.labels.objects},
-            "propagated": sorted(k for k in self._propagated if k in self.labels.objects),
+            "shape_zyx": list(self.shape_zyx),
+            "objects": [{"label_id": k, "name": o.name, "color": list(o.color)} for k, o in objects.items()],
+            "current": int(current) if current is not None and current in objects else None,
+            "stop_slices": {str(k): sorted(self.stop_slices.get(k, ())) for k in objects},
+            "seed_slices": {str(k): sorted(v) for k, v in self.seeds.items() if k in objects},
+            "propagated": sorted(k for k in self._propagated if k in objects),
             "overlap": self.overlap,
             "locked": sorted(self.locked),
+            "edits": per_slice(self.edits),  # label -> z -> [added runs, erased runs]
+            "overlaps": per_slice(self.overlaps),  # label -> z -> [runs of what others hold]
+            "reviewed": {str(k): sorted(v) for k, v in self.reviewed.items() if k in objects and v},
+            "prompts": {str(k): {"fg": np.asarray(p.get("fg", np.zeros((0, 3))), dtype=np.float64).reshape(-1, 3).tolist(),
+                                 "bg": np.asarray(p.get("bg", np.zeros((0, 3))), dtype=np.float64).reshape(-1, 3).tolist(),
+                                 "boxes": [np.asarray(b, dtype=np.float64).tolist() for b in p.get("boxes", [])]}
+                        for k, p in self.prompts.items() if k in objects},
         }
+        if self.pending is not None and self.pending[0] in objects:
+            label_id, pred = self.pending
+            state["pending"] = {"label_id": int(label_id), "z": int(pred.z), "iou": float(pred.iou),
+                                "runs": mask_to_runs(pred.mask_yx)}
+        return state
 
-    def from_state(self, labels_zyx: np.ndarray, state: dict, what: str = "restore autosave") -> None:
+    def from_state(self, labels_zyx: np.ndarray, state: dict, what: str = "restore autosave") -> int | None:
         """Take back `to_state()` and its label volume (one undoable step for the voxels).
 
         Seeds come back from the labels on the seed slices (`seed_from_mask`), so propagation can go
-        on from them; objects, names, colours, stop slices, the overlap rule and locks as saved.
+        on from them; objects, names, colours, stop slices, the overlap rule and its overlaps, locks,
+        brush edits, prompts, review marks and the slice result not yet accepted as saved.
+        Returns the object to work on: the saved `current` if it exists, else the first object
+        (None without objects).
         """
         labels_zyx = np.asarray(labels_zyx)
         if tuple(labels_zyx.shape) != tuple(self.shape_zyx):
@@ -423,18 +698,54 @@ class SegmentationSession:
                 self.labels.objects[lid].name = obj.get("name", self.labels.objects[lid].name)
                 if color:
                     self.labels.objects[lid].color = color
-        self.labels.set_array(labels_zyx.astype(self.labels.array.dtype), what=what)
+        self.pending = None
+        self.labels.set_array(labels_zyx.astype(self.labels.array.dtype), what=what)  # snapshots what was
+        known = self.labels.objects
+        hw = self.shape_zyx[1:]
+
+        def per_slice(saved: dict, pair: bool) -> dict:
+            out = {}
+            for k, by_z in (saved or {}).items():
+                if int(k) not in known:
+                    continue
+                masks = {int(z): tuple(runs_to_mask(r, hw) for r in runs) for z, runs in by_z.items()}
+                out[int(k)] = {z: (m if pair else m[0]) for z, m in masks.items() if len(m) == (2 if pair else 1)}
+            return out
+
+        self.edits = per_slice(state.get("edits"), pair=True)
+        self.overlaps = per_slice(state.get("overlaps"), pair=False)
         self.stop_slices = {int(k): {int(z) for z in zs} for k, zs in state.get("stop_slices", {}).items() if zs}
         for k, zs in state.get("seed_slices", {}).items():
             lid = int(k)
-            if lid in self.labels.objects:
+            if lid in known:
                 self.seeds[lid] = {int(z): self.seed_from_mask(lid, int(z)) for z in zs
                                    if (self.labels.array[int(z)] == lid).any()}
         for lid in state.get("propagated", []):
-            if int(lid) in self.labels.objects:
+            if int(lid) in known:
                 self._propagated.setdefault(int(lid), {})
         self.overlap = state.get("overlap", self.overlap) if state.get("overlap") in self.OVERLAP_MODES else self.overlap
-        self.locked = {int(k) for k in state.get("locked", []) if int(k) in self.labels.objects}
+        self.locked = {int(k) for k in state.get("locked", []) if int(k) in known}
+        self.reviewed = {int(k): {int(z) for z in zs} for k, zs in state.get("reviewed", {}).items() if int(k) in known}
+        self.prompts = {
+            int(k): {"fg": np.asarray(v.get("fg", []), dtype=np.float64).reshape(-1, 3),
+                     "bg": np.asarray(v.get("bg", []), dtype=np.float64).reshape(-1, 3),
+                     "boxes": [np.asarray(b, dtype=np.float64).reshape(-1, 3) for b in v.get("boxes", [])]}
+            for k, v in state.get("prompts", {}).items() if int(k) in known
+        }
+        pend = state.get("pending")
+        if pend and int(pend["label_id"]) in known:  # the slice result a crash interrupted
+            if "runs" in pend:
+                mask = runs_to_mask(pend["runs"], hw)
+            else:  # autosave/2 of the widget: (row, col) pairs
+                mask = np.zeros(hw, dtype=bool)
+                yx = np.asarray(pend.get("yx", []), dtype=np.int64).reshape(-1, 2)
+                mask[yx[:, 0], yx[:, 1]] = True
+            self.pending = (int(pend["label_id"]), SlicePrediction(
+                z=int(pend["z"]), mask_yx=mask, logits_256=mask_logits_256(mask), iou=float(pend.get("iou", 0.0))))
+        current = state.get("current")
+        if current is not None and int(current) in known:
+            return int(current)
+        return min(known) if known else None
 
     def seed_from_mask(self, label_id: int, z: int) -> SlicePrediction:
         """A seed made from what the object holds on slice z (a restored or painted slice).
@@ -443,12 +754,7 @@ class SegmentationSession:
         256, padded bottom/right), +8 inside and -8 outside, so mask-prompted modes can use it.
         """
         mask = self.labels.array[z] == label_id
-        h, w = mask.shape
-        vh, vw = max(1, int(round(h * 256 / max(h, w)))), max(1, int(round(w * 256 / max(h, w))))
-        rows = np.minimum((np.arange(vh) + 0.5) * h / vh, h - 1).astype(int)
-        cols = np.minimum((np.arange(vw) + 0.5) * w / vw, w - 1).astype(int)
-        logits = np.full((256, 256), -8.0, dtype=np.float32)
-        logits[:vh, :vw] = np.where(mask[rows][:, cols], 8.0, -8.0)
+        logits = mask_logits_256(mask)
         from .propagation import bounding_box_xyxy
 
         box = bounding_box_xyxy(mask) if mask.any() else None
@@ -537,6 +843,8 @@ class SegmentationSession:
         self._confidence.setdefault(label_id, {}).update(result.confidence)
         self.signals.setdefault(label_id, {}).update(result.signals)
         self.stopped[label_id] = dict(result.stopped)
+        # The slices this run rewrote need a new look; the others keep their review mark.
+        self.reviewed.get(label_id, set()).difference_update(result.predictions)
         return result
 
     def stop_here(self, label_id: int, z: int) -> int:
@@ -545,6 +853,7 @@ class SegmentationSession:
         "Outwards" is away from the object's seeds; returns the number of voxels erased.
         """
         self._require(label_id)
+        self._require_unlocked(label_id)
         self.mark_stop(label_id, z)
         seeds = sorted(self.seeds.get(label_id, {}))
         n = self.shape_zyx[0]
@@ -561,7 +870,22 @@ class SegmentationSession:
             self.overlaps.get(label_id, {}).pop(s, None)
         return changed
 
+    @property
+    def can_undo(self) -> bool:
+        """Whether `undo` has something to take back (a held slice result counts)."""
+        return self.pending is not None or self.labels.can_undo
+
+    @property
+    def can_redo(self) -> bool:
+        return self.labels.can_redo
+
     def undo(self) -> str | None:
+        """Take back the last change: a held slice result first (never accepted, so no history entry),
+        then the label history (seeds, brush edits and overlaps go with it). Returns what was undone."""
+        if self.pending is not None:
+            label_id, pred = self.pending
+            self.pending = None
+            return f"the preview of {label_id} on slice {pred.z}"
         return self.labels.undo()
 
     def redo(self) -> str | None:
@@ -572,8 +896,24 @@ class SegmentationSession:
         """The label volume in the source file's voxel grid (uint8, or uint16 past 254)."""
         return self.view.from_view(self.labels.export_array())
 
+    @staticmethod
+    def default_per_object_dir(path):
+        """Where `save` puts one file per object beside `path`: `<stem>_objects/`."""
+        from pathlib import Path
+
+        from ..io.formats import LABEL_OUTPUT_SUFFIXES, strip_suffix
+
+        path = Path(path)
+        return path.parent / f"{strip_suffix(path, LABEL_OUTPUT_SUFFIXES, stem=True)}_objects"
+
     def save(self, path, per_object_dir=None) -> list:
-        """Write the label map (and sidecars) aligned with the source scan; returns paths written."""
+        """Write the label map (and sidecars) aligned with the source scan; returns paths written.
+
+        per_object_dir: also write one file per non-empty object there (`object_mask`). Under "allow
+        overlap" with objects that overlap, that happens by itself (`default_per_object_dir`): the
+        label map holds the first claims, as the Labels layer shows, and each object's file its
+        whole extent, as its own layer shows.
+        """
         from ..io import write_label_map
 
         names = self.labels.names()
@@ -582,13 +922,9 @@ class SegmentationSession:
         model_name = spec.name if spec is not None else str(self.model_name)
         written = [write_label_map(path, self.labels_ijk(), self.volume, names=names, colors=colors,
                                    model_name=model_name)]
-        overlapping = self.overlap == "allow" and any(any(m.any() for m in by_z.values())
-                                                      for by_z in self.overlaps.values())
-        if per_object_dir is None and overlapping:
-            # one label map cannot hold overlaps: each object's own file carries them
-            from pathlib import Path
-
-            per_object_dir = Path(path).parent / f"{Path(path).name.split('.')[0]}_objects"
+        if per_object_dir is None and self.overlapping_objects():
+            # one label map cannot hold overlaps: each object's own file carries them (as its own layer does)
+            per_object_dir = self.default_per_object_dir(path)
         if per_object_dir is not None:
             from ..io.writers import write_label_maps_per_object
 

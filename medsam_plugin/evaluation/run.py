@@ -9,27 +9,26 @@ from typing import Iterable
 import numpy as np
 
 
-def evaluate_case(image_path, label_path, labels: Iterable[int] | None = None, clicks: int = 0,
-                  model: str | None = None, device: str = "auto", mode: str | None = None, axis: str = "axial",
-                  window=None, loaded_model=None, stop=None, label_names: dict | None = None,
-                  progress=None, cache_dir=None, protocol: str = "box") -> dict:
+def evaluate_case(image_path, label_path, choice=None, expert=None, labels: Iterable[int] | None = None,
+                  loaded_model=None, label_names: dict | None = None, progress=None) -> dict:
     """Simulated-expert evaluation of one scan; returns the JSON-ready report.
 
+    choice: the `engine.choice.ModelChoice` (model, device, window, axis, embedding cache); the
+        default model on "auto" by default. loaded_model: that model already loaded (shared by cases).
+    expert: the `evaluation.simulate.ExpertSettings` (protocol: the first prompt, "box", "click" or
+        "box3d"; corrective clicks; propagation mode and stop rules); one box and no clicks by default.
     labels: label values to evaluate (all non-zero values present by default).
-    protocol: the first prompt, "box", "click" or "box3d" (see evaluation/simulate.py).
     progress: optional callable(label_id, index, count) called before each object.
     """
-    from ..engine.session import SegmentationSession
+    from ..engine.choice import ModelChoice
     from ..io import read_labels, read_volume
-    from .simulate import simulate_object
+    from .simulate import ExpertSettings
 
-    from ..model.defaults import DEFAULT_MODEL
-
-    model = model or DEFAULT_MODEL
+    choice = choice or ModelChoice()
+    expert = expert or ExpertSettings()
     volume = read_volume(image_path)
     truth_ijk = read_labels(label_path, volume)
-    session = SegmentationSession(volume, model=model, device=device, axis=axis, window=window,
-                                  loaded_model=loaded_model, cache_dir=cache_dir)
+    session = choice.session(volume, loaded_model=loaded_model)
     truth_zyx = session.view.to_view(truth_ijk)
     present = [int(v) for v in np.unique(truth_zyx) if v != 0]
     chosen = present if labels is None else [int(v) for v in labels]
@@ -45,17 +44,16 @@ def evaluate_case(image_path, label_path, labels: Iterable[int] | None = None, c
         if progress is not None:
             progress(label_id, i, len(chosen))
         name = (label_names or {}).get(label_id, f"label {label_id}")
-        scores.append(simulate_object(session, truth_zyx == label_id, label_id, name=name, clicks=clicks,
-                                      mode=mode, stop=stop, protocol=protocol))
+        scores.append(expert.simulate(session, truth_zyx == label_id, label_id, name=name))
     predictor = session.predictor
     return {
         "image": str(image_path),
         "label": str(label_path),
         "model": session.predictor.spec.name,
-        "mode": mode or session.mode,
-        "protocol": protocol,
-        "axis": axis,
-        "clicks": clicks,
+        "mode": expert.mode or session.mode,
+        "protocol": expert.protocol,
+        "axis": choice.axis,
+        "clicks": expert.clicks,
         "objects": sorted((s.as_dict() for s in scores), key=lambda o: o["label"]),
         "mean_dice": float(np.mean([s.dice for s in scores])) if scores else float("nan"),
         "mean_nsd": float(np.mean([s.nsd for s in scores])) if scores else float("nan"),

@@ -36,6 +36,23 @@ DEFAULT_PROTOCOL = "box"
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ExpertSettings:
+    """How the simulated expert works on each object and how the tool propagates for it: the first
+    prompt (`protocol`, one of PROTOCOLS), the corrective `clicks` after propagation, and the
+    propagation's prompt `mode` (None: the model's default) and `stop` rules (None: the session's)."""
+
+    clicks: int = 0
+    mode: str | None = None
+    stop: object = None
+    protocol: str = DEFAULT_PROTOCOL
+
+    def simulate(self, session, truth_zyx: np.ndarray, label_id: int, name: str = "") -> "ObjectScore":
+        """`simulate_object` with these settings."""
+        return simulate_object(session, truth_zyx, label_id, name=name, clicks=self.clicks, mode=self.mode,
+                               stop=self.stop, protocol=self.protocol)
+
+
 @dataclass
 class ObjectScore:
     label: int

@@ -258,10 +258,6 @@ def atomic_write_text(path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text), suffix=".tmp")
 
 
-def atomic_write_bytes(path, data: bytes) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data), suffix=".tmp")
-
-
 def atomic_save_npy(path, array) -> Path:
     """`numpy.save` through `atomic_write` (the folder is created)."""
     import numpy as np

@@ -36,6 +36,7 @@ from typing import Mapping
 
 import numpy as np
 
+from .formats import DICOM_SEG_SUFFIX, has_suffix
 from .readers import ImageReadError, LabelMismatchError
 from .volume import Volume
 from .writers import LabelWriteError, _atomic_write, _prepare_labels, _rgba255
@@ -72,7 +73,7 @@ class DicomSegWriteError(LabelWriteError):
 
 def is_dicom_seg_path(path: str | os.PathLike) -> bool:
     """True when an output file name asks for a DICOM SEG (".dcm")."""
-    return Path(path).name.lower().endswith(".dcm")
+    return has_suffix(path, (DICOM_SEG_SUFFIX,))
 
 
 def is_dicom_seg(path: str | os.PathLike) -> bool:

@@ -28,7 +28,7 @@ import nibabel.orientations as nio
 
 from .volume import Volume, spacing_from_affine
 
-__all__ = ["SliceView", "VIEW_AXCODES", "AXES"]
+__all__ = ["SliceView", "VIEW_AXCODES", "AXES", "LETTER_TO_WORLD"]
 
 VIEW_AXCODES: dict[str, tuple[str, str, str]] = {
     "axial": ("S", "P", "L"),
@@ -38,7 +38,7 @@ VIEW_AXCODES: dict[str, tuple[str, str, str]] = {
 AXES = tuple(VIEW_AXCODES)
 
 # Anatomical letter -> (RAS world axis, sign of the direction it points along).
-_LETTER_TO_WORLD = {"R": (0, 1.0), "L": (0, -1.0), "A": (1, 1.0), "P": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
+LETTER_TO_WORLD = {"R": (0, 1.0), "L": (0, -1.0), "A": (1, 1.0), "P": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
 
 
 class SliceView:
@@ -99,7 +99,7 @@ class SliceView:
         ras_to_display = np.zeros((4, 4))
         ras_to_display[3, 3] = 1.0
         for row, letter in enumerate(VIEW_AXCODES[axis]):
-            world_axis, sign = _LETTER_TO_WORLD[letter]
+            world_axis, sign = LETTER_TO_WORLD[letter]
             ras_to_display[row, world_axis] = sign
         self.ras_to_display = ras_to_display
         self.display_affine = ras_to_display @ self.view_affine

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .formats import IMAGE_SUFFIXES, NIFTI_SUFFIXES, SITK_SUFFIXES, as_label_array, matching_suffix
 from .volume import Volume, guess_modality
 
 __all__ = [
@@ -31,24 +32,6 @@ __all__ = [
     "NIFTI_SUFFIXES",
     "SITK_SUFFIXES",
 ]
-
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-# Suffix -> source_format for files read by SimpleITK.
-SITK_SUFFIXES = {
-    ".nrrd": "nrrd",
-    ".nhdr": "nrrd",
-    ".mha": "mha",
-    ".mhd": "mha",
-    ".dcm": "dicom",
-    ".vtk": "vtk",
-    ".gipl": "gipl",
-    ".gipl.gz": "gipl",
-    ".hdr": "analyze",
-    ".img": "analyze",
-    ".mnc": "minc",
-    ".tif": "tiff",
-    ".tiff": "tiff",
-}
 
 _NONFINITE_POLICIES = ("error", "fill")
 _DICOM_MODALITY_TAG = "0008|0060"
@@ -96,13 +79,12 @@ def detect_format(path: str | os.PathLike) -> str:
     p = Path(path)
     if p.is_dir():
         return "dicom"
-    name = p.name.lower()
-    if name.endswith(NIFTI_SUFFIXES):
+    if matching_suffix(p, NIFTI_SUFFIXES):
         return "nifti"
-    for suffix in sorted(SITK_SUFFIXES, key=len, reverse=True):
-        if name.endswith(suffix):
-            return SITK_SUFFIXES[suffix]
-    known = ", ".join([*NIFTI_SUFFIXES, *SITK_SUFFIXES, "a DICOM folder"])
+    suffix = matching_suffix(p, SITK_SUFFIXES)
+    if suffix:
+        return SITK_SUFFIXES[suffix]
+    known = ", ".join([*IMAGE_SUFFIXES, "a DICOM folder"])
     raise ImageReadError(
         f"Cannot read '{p}': the extension '{''.join(p.suffixes) or '(none)'}' is not a known 3D image "
         f"format. Supported: {known}. Convert the image to NIfTI (.nii.gz) or NRRD, or rename it "
@@ -622,30 +604,27 @@ def _check_finite(data: np.ndarray, p: Path, policy: str) -> tuple[np.ndarray, i
 
 
 def _as_label_dtype(data: np.ndarray, p: Path) -> np.ndarray:
-    """Check integer-valued, non-negative labels and return uint8 (or uint16 past 254)."""
-    if data.dtype == bool:
-        return data.astype(np.uint8)
-    if np.issubdtype(data.dtype, np.floating):
-        if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
-            raise ImageReadError(
+    """Check integer-valued, non-negative labels and return uint8 (or uint16 past 254): the rule of
+    `formats.as_label_array`, worded for a file that is read."""
+
+    def fail(kind: str, value) -> ImageReadError:
+        if kind == "non_integer":
+            return ImageReadError(
                 f"'{p}' is not a label map: it holds non-integer values (e.g. a probability map or an "
                 f"intensity image). Threshold or round it to integer label ids first."
             )
-    elif not np.issubdtype(data.dtype, np.integer):
-        raise ImageReadError(f"'{p}' is not a label map: its voxel type {data.dtype} is not numeric.")
-    if data.size == 0:
-        return data.astype(np.uint8)
-    lo, hi = data.min(), data.max()
-    if lo < 0:
-        raise ImageReadError(
-            f"'{p}' is not a valid label map: it holds negative values (min {lo}). Label ids must be "
-            f"0 (background) or positive integers."
+        if kind == "not_numeric":
+            return ImageReadError(f"'{p}' is not a label map: its voxel type {value} is not numeric.")
+        if kind == "negative":
+            return ImageReadError(
+                f"'{p}' is not a valid label map: it holds negative values (min {value}). Label ids must be "
+                f"0 (background) or positive integers."
+            )
+        return ImageReadError(
+            f"'{p}' has label ids up to {value}; at most 65535 label ids are supported. Renumber the labels."
         )
-    if hi > np.iinfo(np.uint16).max:
-        raise ImageReadError(
-            f"'{p}' has label ids up to {hi}; at most 65535 label ids are supported. Renumber the labels."
-        )
-    return data.astype(np.uint8 if hi <= 254 else np.uint16)
+
+    return as_label_array(data, fail)
 
 
 def _reorient_to_reference(data: np.ndarray, lab_aff: np.ndarray, ref_aff: np.ndarray):

@@ -132,12 +132,6 @@ class Volume:
         pts = np.atleast_2d(np.asarray(ijk, dtype=np.float64))
         return pts @ self.affine_ras[:3, :3].T + self.affine_ras[:3, 3]
 
-    def world_to_voxel(self, xyz_ras: np.ndarray) -> np.ndarray:
-        """(N, 3) world RAS mm -> (N, 3) continuous voxel indices (i, j, k)."""
-        pts = np.atleast_2d(np.asarray(xyz_ras, dtype=np.float64))
-        inv = np.linalg.inv(self.affine_ras)
-        return pts @ inv[:3, :3].T + inv[:3, 3]
-
     def with_data(self, data_ijk: np.ndarray) -> "Volume":
         """A new Volume on the same grid (same affine, header, provenance) with other voxels."""
         data = np.asarray(data_ijk)

@@ -29,8 +29,17 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 
 from .readers import lps_to_ras_affine, ras_to_lps_geometry
-from .atomic import atomic_write, atomic_write_set
+from .atomic import atomic_write_set
 from .colors import default_label_color, default_palette  # noqa: F401  (re-exported)
+from .formats import (  # noqa: F401  (LABEL_SUFFIXES and label_dtype_for re-exported)
+    DETACHED_HEADER_SUFFIXES,
+    LABEL_FORMATS,
+    LABEL_SUFFIXES,
+    as_label_array,
+    label_dtype_for,
+    matching_suffix,
+    strip_suffix,
+)
 from .volume import Volume
 
 __all__ = [
@@ -45,7 +54,6 @@ __all__ = [
     "LABEL_SUFFIXES",
 ]
 
-LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 _AFFINE_ATOL_MM = 1e-4
 
 class LabelWriteError(Exception):
@@ -70,11 +78,7 @@ def _rgba255(color) -> tuple[int, int, int, int]:
 # -- naming helpers -------------------------------------------------------------------------
 def label_file_stem(path: str | os.PathLike) -> str:
     """File name without the image suffix: 'seg.nii.gz' -> 'seg'."""
-    name = Path(path).name
-    for suf in sorted((*LABEL_SUFFIXES, ".nhdr", ".mhd"), key=len, reverse=True):
-        if name.lower().endswith(suf):
-            return name[: -len(suf)]
-    return Path(name).stem
+    return strip_suffix(path, (*LABEL_SUFFIXES, *DETACHED_HEADER_SUFFIXES), stem=True)
 
 
 def sidecar_paths(path: str | os.PathLike) -> dict[str, Path]:
@@ -88,17 +92,9 @@ def sidecar_paths(path: str | os.PathLike) -> dict[str, Path]:
     }
 
 
-def label_dtype_for(max_label: int) -> np.dtype:
-    """uint8 up to label id 254, uint16 above (docs/ARCHITECTURE.md)."""
-    if max_label > np.iinfo(np.uint16).max:
-        raise ValueError(f"Label id {max_label} exceeds 65535, the largest id a label map can hold.")
-    return np.dtype(np.uint8 if max_label <= 254 else np.uint16)
-
-
 # -- atomic file helper ---------------------------------------------------------------------
 def _temp_suffix(final: Path) -> str:
-    suffix = next((s for s in sorted(LABEL_SUFFIXES, key=len, reverse=True) if final.name.lower().endswith(s)), "")
-    return f".tmp{suffix or ''.join(final.suffixes[-1:])}"
+    return f".tmp{matching_suffix(final, LABEL_SUFFIXES) or ''.join(final.suffixes[-1:])}"
 
 
 def _atomic_write(final: Path, write_fn: Callable[[Path], None], check_fn: Callable[[Path], None] | None = None) -> None:
@@ -142,32 +138,26 @@ def _prepare_labels(labels_ijk: np.ndarray, reference: Volume) -> np.ndarray:
             f"shape {reference.shape}: labels must be on the image's stored (i, j, k) grid "
             f"(use SliceView.from_view to map a view-frame mask back). Nothing was written."
         )
-    if labels.dtype == bool:
-        return labels.astype(np.uint8)
-    if np.issubdtype(labels.dtype, np.floating):
-        if not np.all(np.isfinite(labels)) or not np.array_equal(labels, np.round(labels)):
-            raise LabelWriteError("The label volume holds non-integer values; label ids must be integers. Nothing was written.")
-    elif not np.issubdtype(labels.dtype, np.integer):
-        raise LabelWriteError(f"The label volume has type {labels.dtype}; label ids must be integers. Nothing was written.")
-    lo = labels.min() if labels.size else 0
-    hi = int(labels.max()) if labels.size else 0
-    if lo < 0:
-        raise LabelWriteError(f"The label volume holds negative ids (min {lo}); ids must be 0 or positive. Nothing was written.")
-    try:
-        dtype = label_dtype_for(hi)
-    except ValueError as exc:
-        raise LabelWriteError(f"{exc} Nothing was written.") from exc
-    return labels.astype(dtype, copy=False)
+
+    def fail(kind: str, value) -> LabelWriteError:
+        if kind == "non_integer":
+            return LabelWriteError("The label volume holds non-integer values; label ids must be integers. "
+                                   "Nothing was written.")
+        if kind == "not_numeric":
+            return LabelWriteError(f"The label volume has type {value}; label ids must be integers. Nothing was written.")
+        if kind == "negative":
+            return LabelWriteError(f"The label volume holds negative ids (min {value}); ids must be 0 or positive. "
+                                   f"Nothing was written.")
+        return LabelWriteError(f"Label id {int(value)} exceeds 65535, the largest id a label map can hold. "
+                               f"Nothing was written.")
+
+    return as_label_array(labels, fail, copy=False)
 
 
 def _label_format(path: Path) -> str:
-    name = path.name.lower()
-    if name.endswith((".nii.gz", ".nii")):
-        return "nifti"
-    if name.endswith(".nrrd"):
-        return "nrrd"
-    if name.endswith(".mha"):
-        return "mha"
+    suffix = matching_suffix(path, LABEL_SUFFIXES)
+    if suffix:
+        return LABEL_FORMATS[suffix]
     raise LabelWriteError(
         f"Cannot write a label map to '{path}': use a .nii.gz, .nii, .nrrd or .mha file name, or .dcm for a "
         f"DICOM SEG of a DICOM series (detached .nhdr/.mhd headers are not supported)."
@@ -273,7 +263,9 @@ def write_label_map(
             or temporary file is left behind, and an existing output is left unchanged.
     """
     path = Path(path).expanduser()
-    if path.name.lower().endswith(".dcm"):
+    from .dicom_seg import is_dicom_seg_path
+
+    if is_dicom_seg_path(path):
         from .dicom_seg import write_dicom_seg
 
         return write_dicom_seg(path, labels_ijk, reference, names, colors, model_name=model_name)

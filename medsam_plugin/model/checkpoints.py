@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -63,8 +62,8 @@ def save_checkpoint(
         meta: plain metadata (training settings, data, metrics...).
         trainable_prefixes: state_dict key prefixes to store; None stores the whole model.
 
-    The write is atomic: a temporary file in the same folder, then ``os.replace``.
-    Returns the path written.
+    The write is atomic (``io.atomic.atomic_torch_save``: a temporary file in the same folder,
+    fsynced, then renamed). Returns the path written.
     """
     if not isinstance(base, str) or not base:
         raise ValueError("base must be the registry name of the model that was fine-tuned, e.g. 'lite_medsam'")
@@ -78,22 +77,9 @@ def save_checkpoint(
         raise ValueError(f"no weights of the model start with {prefixes}; nothing to save")
     payload = {"format": CHECKPOINT_FORMAT, "base": base, "state_dict": state, "meta": _plain(dict(meta or {}))}
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except OSError:
-            pass
-        raise
-    return path
+    from ..io.atomic import atomic_torch_save
+
+    return atomic_torch_save(Path(path), payload)
 
 
 def load_file(path: str | os.PathLike, what: str = "model weights file") -> Any:

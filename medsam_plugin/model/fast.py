@@ -378,15 +378,7 @@ class OpenVINOPath:
                 model = ov.convert_model(body, example_input=example,
                                          input=[ov.PartialShape([-1, size, size, example.shape[-1]])])
             try:
-                xml.parent.mkdir(parents=True, exist_ok=True)
-                tmp = xml.with_name(xml.stem + f".tmp{os.getpid()}.xml")
-                ov.save_model(model, str(tmp), compress_to_fp16=False)
-                sums = _ir_checksums(tmp)  # of what was written, recorded before the files go in place
-                os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
-                os.replace(tmp, xml)
-                from ..io.atomic import atomic_write_json
-
-                atomic_write_json(_ir_sums_path(xml), sums)
+                _save_ir(ov, model, xml)
             except OSError as err:  # a read-only cache only costs the next start its conversion
                 log.warning("could not keep the converted OpenVINO model in %s: %s", xml.parent, err)
             self.converted = True
@@ -409,6 +401,29 @@ class OpenVINOPath:
 
 def _ir_sums_path(xml):
     return xml.with_name(xml.stem + ".sha256.json")
+
+
+def _save_ir(ov, model, xml) -> None:
+    """Keep a converted model as IR at `xml` (+ .bin) with the checksums of both files, as one
+    set (`io.atomic.atomic_write_set`): the three files are replaced together or not at all."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from ..io.atomic import atomic_write_set, json_safe
+
+    xml = Path(xml)
+    xml.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{xml.stem}.", dir=xml.parent) as scratch:
+        saved = Path(scratch) / xml.name
+        ov.save_model(model, str(saved), compress_to_fp16=False)
+        sums = _ir_checksums(saved)  # of what was written, recorded before the files go in place
+        sums_text = json.dumps(json_safe(sums), indent=2, allow_nan=False) + "\n"
+        atomic_write_set([
+            (xml.with_suffix(".bin"), lambda tmp: os.replace(saved.with_suffix(".bin"), tmp), ".tmp.bin"),
+            (xml, lambda tmp: os.replace(saved, tmp), ".tmp.xml"),
+            (_ir_sums_path(xml), lambda tmp: tmp.write_text(sums_text), ".tmp"),
+        ], clean_stale=False)
 
 
 def _ir_checksums(xml) -> dict:
@@ -505,8 +520,10 @@ def openvino_ir_path(encoder: nn.Module, image_size: int, cache_dir=None):
     for name, tensor in sorted(encoder.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    root = Path(cache_dir or os.environ.get("MEDSAM_CACHE_DIR") or Path.home() / ".cache" / "medsam_plugin")
-    return root / "openvino" / f"tiny_vit_{digest.hexdigest()[:16]}.xml"
+    from ..io.cache import OPENVINO, cache_root
+
+    root = Path(cache_dir) if cache_dir else cache_root()
+    return root / OPENVINO / f"tiny_vit_{digest.hexdigest()[:16]}.xml"
 
 
 def _is_tiny_vit(loaded) -> bool:

@@ -54,11 +54,6 @@ class SamModel(nn.Module):
         return (torch.cat([coords, torch.zeros_like(coords[:, :1])], dim=1),
                 torch.cat([labels, -torch.ones_like(labels[:, :1])], dim=1))
 
-    @torch.no_grad()
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, S, S) normalised float -> embeddings (B, 256, 64, 64)."""
-        return self.image_encoder(images)
-
     def decode(
         self,
         image_embeddings: torch.Tensor,
@@ -67,7 +62,9 @@ class SamModel(nn.Module):
         masks: torch.Tensor | None = None,
         multimask_output: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt encoder + mask decoder on precomputed embeddings.
+        """Prompt encoder + mask decoder on precomputed embeddings: the one decode path (the
+        engine's reference decoder, ``forward`` and both trainers call it; the engine's fast decoder,
+        ``model/fast_decoder.py``, is the same fp32 maths with per-slice work kept).
 
         image_embeddings (B or 1, 256, 64, 64); prompts as in ``PromptEncoder.forward``
         (model-input pixels, xy) -> (low_res_logits (B, M, 256, 256), iou_pred (B, M)).

@@ -15,19 +15,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
-
-def cache_root() -> Path:
-    env = os.environ.get("MEDSAM_PLUGIN_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "medsam_plugin"
+from ..io.cache import cache_root  # noqa: F401  (the one cache root; the widget reads it here)
 
 
 def scan_key(path) -> str:
@@ -62,12 +55,13 @@ def _jsonable(obj):
 def save(folder: Path, labels_zyx: np.ndarray, state: dict) -> Path:
     """Write labels + state atomically into `folder`; returns the folder."""
     from ..io.atomic import atomic_write, atomic_write_text
+    from ..io.formats import label_dtype_for
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     labels = np.asarray(labels_zyx)
     top = int(labels.max()) if labels.size else 0
-    labels = labels.astype(np.uint8 if top <= 254 else np.uint16)
+    labels = labels.astype(label_dtype_for(top))
     buf = io.BytesIO()
     np.save(buf, labels)
     atomic_write(folder / "labels_zyx.npy", lambda tmp: tmp.write_bytes(buf.getvalue()), suffix=".tmp")
@@ -100,11 +94,3 @@ def keep_offered(folder: Path) -> Path:
     for name in ("labels_zyx.npy", "state.json"):
         shutil.copy2(folder / name, offered / name)
     return offered
-
-
-def discard(folder: Path) -> None:
-    for name in ("labels_zyx.npy", "state.json"):
-        try:
-            (Path(folder) / name).unlink()
-        except FileNotFoundError:
-            pass

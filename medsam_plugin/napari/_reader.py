@@ -22,6 +22,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..engine.preprocessing import WINDOW_PRESETS
+from ..io.formats import DICOM_SUFFIX, NIFTI_SUFFIXES, SCAN_SUFFIXES, has_suffix, strip_suffix
+
 META_VOLUME = "medsam_volume"  # the source io.Volume (array as stored, affine, header)
 META_AXIS = "medsam_axis"  # the SliceView axis the layer shows ("axial", ...)
 META_SOURCE = "medsam_source_path"  # str path of the scan (file or DICOM folder)
@@ -30,10 +33,8 @@ META_COLORS = "medsam_label_colors"  # {label id: (r, g, b) 0-255} (Labels layer
 META_MODEL = "medsam_model"  # name of the model that made a Labels layer (recorded in a DICOM SEG)
 META_TRUE_AFFINE = "medsam_true_affine"  # (4, 4) exact view index (z, y, x) -> world mm, oblique included
 
-_FILE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
-
-# Display windows (level, width) in HU for CT layers; the widget offers the same presets.
-DEFAULT_CT_WINDOW = (40.0, 400.0)
+# The display window (level, width) in HU of CT layers: the engine's default (abdomen) preset.
+DEFAULT_CT_WINDOW = WINDOW_PRESETS["abdomen"]
 
 
 def _is_dicom_file(p: Path) -> bool:
@@ -54,9 +55,8 @@ def _looks_readable(path: str) -> bool:
         except OSError:
             return False
         files = [e for e in entries if e.is_file()]
-        return any(e.name.lower().endswith(".dcm") or _is_dicom_file(e) for e in files)
-    name = p.name.lower()
-    return p.is_file() and name.endswith(_FILE_SUFFIXES)
+        return any(has_suffix(e, (DICOM_SUFFIX,)) or _is_dicom_file(e) for e in files)
+    return p.is_file() and has_suffix(p, SCAN_SUFFIXES)
 
 
 def napari_get_reader(path) -> Callable | None:
@@ -126,11 +126,7 @@ def image_layer_data(volume, axis: str = "axial", name: str | None = None) -> tu
 
 
 def _scan_name(src) -> str:
-    name = Path(src).name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    return strip_suffix(src, SCAN_SUFFIXES)
 
 
 def read_scan(path) -> list[tuple]:
@@ -141,7 +137,7 @@ def read_scan(path) -> list[tuple]:
         path = path[0]
     volume = read_volume(path)
     data, kwargs, kind = image_layer_data(volume)
-    if volume.source_path is not None and volume.source_path.name.lower().endswith((".nii", ".nii.gz")):
+    if volume.source_path is not None and has_suffix(volume.source_path, NIFTI_SUFFIXES):
         # "image.nii.gz" in a case folder: name the layer after the folder, which says more.
         if kwargs["name"] in ("image", "img", "ct", "mri", "t1", "t2"):
             kwargs["name"] = f"{volume.source_path.parent.name}/{kwargs['name']}"

@@ -23,16 +23,16 @@ from typing import Any
 
 import numpy as np
 
+from ..io.formats import DEFAULT_LABEL_SUFFIX, LABEL_OUTPUT_SUFFIXES, has_suffix
 from ._reader import META_AXIS, META_COLORS, META_MODEL, META_NAMES, META_TRUE_AFFINE, META_VOLUME
-
-# ".dcm" writes a DICOM SEG that references the layer's source DICOM series.
-LABEL_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".dcm")
 
 
 def _with_extension(path: str) -> str:
-    if path.lower().endswith(LABEL_EXTENSIONS):
+    """The path, with ".nii.gz" added unless it names a label map format (".dcm": a DICOM SEG that
+    references the layer's source DICOM series)."""
+    if has_suffix(path, LABEL_OUTPUT_SUFFIXES):
         return path
-    return path + ".nii.gz"
+    return path + DEFAULT_LABEL_SUFFIX
 
 
 def _data_to_world(meta: dict) -> np.ndarray:
@@ -96,7 +96,9 @@ def write_labels(path: str, data: Any, meta: dict) -> list[str]:
     for i in ids:
         names.setdefault(i, f"label {i}")
         colors.setdefault(i, default_label_color(i))
-    if path.lower().endswith(".dcm"):
+    from ..io.dicom_seg import is_dicom_seg_path
+
+    if is_dicom_seg_path(path):
         from ..io.dicom_seg import DicomSegWriteError, write_dicom_seg
 
         if md.get(META_VOLUME) is None:

@@ -53,7 +53,8 @@ def add_finetune_parser(sub) -> None:
     p.add_argument("--min-area", type=int, default=10, help="pixels of an object for a slice to count (default 10)")
     p.add_argument("--cache-rate", type=float, default=1.0, help="MONAI CacheDataset cache rate (0 to debug)")
     p.add_argument("--cache-dir", default=None,
-                   help="keep slice embeddings on disk here (default: memory only; ~/.cache/medsam_plugin under torchrun)")
+                   help="keep slice embeddings on disk here (default: memory only; under torchrun train_embeddings/ in "
+                        "the cache root, $MEDSAM_PLUGIN_CACHE or ~/.cache/medsam_plugin)")
     p.add_argument("--no-embedding-cache", action="store_true",
                    help="re-encode slices in every step instead of caching embeddings (slow; for comparison)")
     p.add_argument("--samples-per-epoch", type=int, default=None, help="cap the samples an epoch draws")
@@ -76,6 +77,8 @@ def add_finetune_parser(sub) -> None:
     g.add_argument("--max-rounds", type=int, default=6, help="corrective rounds per episode at most")
     g.add_argument("--variants", type=int, default=4, help="augmented copies of each (case, view, window)")
     g.add_argument("--slices-per-variant", type=int, default=24, help="slices encoded per augmented copy")
+    g.add_argument("--synthetic-slices", type=int, default=0,
+                   help="slices per (case, view, window) with a painted synthetic lesion (blob or ring)")
     g.add_argument("--views", default="axial,coronal,sagittal", help="slicing views to train on")
     g.add_argument("--val-every", type=int, default=100, help="validate and checkpoint every N steps")
     g.add_argument("--prompt-encoder-lr-scale", type=float, default=10.0,
@@ -117,7 +120,7 @@ def interactive_config_from_args(args):
     return InteractiveConfig(
         datalist=args.datalist, out=args.out, data_root=args.data_root, base_model=args.model,
         views=tuple(v.strip() for v in args.views.split(",") if v.strip()), variants=args.variants,
-        slices_per_variant=args.slices_per_variant, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        slices_per_variant=args.slices_per_variant, synthetic_slices=args.synthetic_slices, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, max_rounds=args.max_rounds,
         prompt_encoder_lr_scale=args.prompt_encoder_lr_scale, distill_weight=args.distill_weight,
         iou_weight=args.iou_weight, val_every=args.val_every, validation_datalist=args.validation_datalist,

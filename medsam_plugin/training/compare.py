@@ -31,17 +31,16 @@ def compare(cases: list[tuple[Path, list[int] | None]], models: dict[str, str], 
     """-> rows {case, label, model, mode, dice, nsd, slices_predicted, slices_truth, seconds}."""
     import numpy as np
 
-    from ..engine.session import SegmentationSession
+    from ..engine.choice import ModelChoice
     from ..evaluation.simulate import simulate_object
     from ..io import read_labels, read_volume
-    from ..model.registry import load_model
 
-    stock = load_model("lite_medsam", device=device)
+    stock = ModelChoice("lite_medsam", device=device).load()
     stock_state = {k: v.clone() for k, v in stock.sam.state_dict().items()
                    if k.startswith(("prompt_encoder.", "mask_decoder."))}
     loaded = {}
     for name, ref in models.items():
-        m = stock if ref == "lite_medsam" else load_model(ref, device=device)
+        m = stock if ref == "lite_medsam" else ModelChoice(ref, device=device).load()
         loaded[name] = m
     rows = []
     for case_dir, labels in cases:
@@ -59,7 +58,7 @@ def compare(cases: list[tuple[Path, list[int] | None]], models: dict[str, str], 
             for mode in modes:
                 if skip and (name, mode) in skip:
                     continue
-                session = SegmentationSession(volume, loaded_model=runner, cache_dir=cache_dir)
+                session = ModelChoice(device=device, cache_dir=cache_dir).session(volume, loaded_model=runner)
                 truth_zyx = session.view.to_view(truth_ijk)
                 present = [int(v) for v in np.unique(truth_zyx) if v]
                 for label in (labels or present):

@@ -9,8 +9,9 @@ encoder and mask decoder train on embeddings computed once per (augmented) slice
    `data.case_transforms` in each slicing view (axial, coronal, sagittal) and, for CT, several
    windows (a lung or bone window of a CT slice is a new image). `augment.SliceAugment` makes
    random copies (flips, 90-degree turns, zoom/crop, gamma/contrast), applied alike to a slice, its
-   label and its two neighbours' labels. Each augmented slice is encoded once (disk cache keyed by
-   pixels and model), so a resumed run encodes nothing again.
+   label and its two neighbours' labels. Each augmented slice is encoded once, through the engine's
+   encode path and its self-checking disk cache (keyed by pixels, model and encoder path), so a
+   resumed run encodes nothing again.
 2. **Samples.** (slice, object) with the object on the slice, and (slice, object) where the
    object ends: its neighbour holds it, the slice does not (an empty target: the model learns to
    answer "nothing here" to a dense prompt past the object's end).
@@ -75,6 +76,8 @@ class InteractiveConfig:
     ct_windows: tuple[str, ...] = CT_WINDOWS
     variants: int = 4                 # augmented copies per (case, view, window), besides the plain one
     slices_per_variant: int = 24      # slices encoded per copy (the ones holding most objects kept first)
+    synthetic_slices: int = 0         # slices per (case, view, window) with a painted lesion (training/synthetic.py)
+    synthetic_share: float = 0.35     # share of object draws that go to painted lesions (when there are any)
     min_area: int = 16                # pixels (256 frame) of an object for a slice to count
     steps: int = 600
     batch_size: int = 8
@@ -122,32 +125,6 @@ class BankSlice:
     view: str
 
 
-def _cached_encode(slices_u8: list[np.ndarray], encode, key: str, cache_dir: Path | None, progress=None) -> list[np.ndarray]:
-    """Embeddings of slices, read from `cache_dir` where present, encoded (and kept there) otherwise."""
-    from ..engine.embedding_cache import slice_signature
-    from ..io.atomic import atomic_save_npy
-
-    out: list[np.ndarray | None] = [None] * len(slices_u8)
-    todo = []
-    for i, s in enumerate(slices_u8):
-        path = None if cache_dir is None else cache_dir / f"{slice_signature(s, key)}.npy"
-        if path is not None and path.is_file():
-            try:
-                out[i] = np.load(path)
-                continue
-            except (OSError, ValueError):
-                pass  # damaged cache entry: encode again
-        todo.append((i, path))
-    for i, path in todo:
-        emb = np.asarray(encode(slices_u8[i][None])[0], dtype=np.float16)
-        out[i] = emb
-        if path is not None:
-            atomic_save_npy(path, emb)
-        if progress is not None:
-            progress(1)
-    return out  # type: ignore[return-value]
-
-
 def _objects_in(label_256: np.ndarray, min_area: int) -> dict[int, int]:
     """{object: pixels} of the objects with at least `min_area` pixels on a label slice."""
     values, counts = np.unique(label_256, return_counts=True)
@@ -157,10 +134,10 @@ def _objects_in(label_256: np.ndarray, min_area: int) -> dict[int, int]:
 def build_bank(cases: Sequence[dict], loaded, cfg: InteractiveConfig, rng: np.random.Generator,
                augment: bool = True, say=print) -> list[BankSlice]:
     """Encode the slices training visits (see the module docstring); deterministic for a seed."""
-    from .trainer import _make_encode_fn, default_cache_dir, model_key  # the propagation trainer's encoder and cache
+    from ..engine.embedding_cache import cached_embeddings
+    from .trainer import default_cache_dir, slice_encoder  # the engine's encode path and embedding cache
 
-    encode = _make_encode_fn(loaded)
-    key = model_key(loaded.spec)
+    encode, key = slice_encoder(loaded)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
     plan: list[tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray], str, str]] = []
@@ -195,14 +172,19 @@ def build_bank(cases: Sequence[dict], loaded, cfg: InteractiveConfig, rng: np.ra
                         nb = tuple(label_to_lowres(aug.apply_label(label[zz])) if 0 <= zz < n
                                    else np.zeros((LOWRES, LOWRES), np.uint16) for zz in (z - 1, z + 1))
                         plan.append((img, lab, nb, str(case["case"]), view))
+                if augment and cfg.synthetic_slices:
+                    from .synthetic import lesion_slices
+
+                    plan += [(img, lab, nb, str(case["case"]) + " (synthetic lesion)", view) for img, lab, nb in
+                             lesion_slices(image, label, cfg.synthetic_slices, rng, modality, cfg.min_area)]
     say(f"slice bank: {len(plan)} slices from {len(cases)} case(s) (views {', '.join(cfg.views)})")
     bar = None
     if cfg.progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(plan), desc="encoding slices", unit="slice", file=sys.stderr, leave=False)
-    embeddings = _cached_encode([p[0] for p in plan], encode, key, cache_dir,
-                                (lambda k: bar.update(k)) if bar is not None else None)
+    embeddings = cached_embeddings([p[0] for p in plan], encode, key, cache_dir,
+                                   progress=(lambda k, total: bar.update(k)) if bar is not None else None)
     if bar is not None:
         bar.close()
     return [BankSlice(e, lab, nb, c, v) for e, (_, lab, nb, c, v) in zip(embeddings, plan)]
@@ -406,6 +388,13 @@ class InteractiveTrainer:
         # dominated by the many small structures of a whole-body label map (vessels, ribs), and
         # taught a click to answer with a small blob (a spleen click gave 2.5k of 8.2k pixels).
         w = np.asarray(areas, np.float64) ** cfg.area_weight_power
+        # Painted lesions are few beside a whole-body label map's structures: give them a set share.
+        from .synthetic import LESION_ID
+
+        painted = np.array([v == LESION_ID for _, v in self.present], bool)
+        if painted.any() and not painted.all() and cfg.synthetic_share > 0:
+            w = np.where(painted, w * cfg.synthetic_share / w[painted].sum(),
+                         w * (1 - cfg.synthetic_share) / w[~painted].sum())
         self.present_p = w / w.sum()
         self.val_bank = []
         if val_cases:
@@ -577,10 +566,9 @@ class InteractiveTrainer:
         history: list[dict] = []
         first_step, best = 0, -math.inf
         if cfg.resume:
-            if not self.resume_path.is_file():
-                raise FileNotFoundError(f"--resume was given but there is no resume state at {self.resume_path}; "
-                                        "start without --resume, or point --out at the earlier run's checkpoint.")
-            state = torch.load(self.resume_path, map_location="cpu", weights_only=True)
+            from .trainer import read_resume_state
+
+            state = read_resume_state(self.resume_path)
             self.loaded.sam.load_state_dict(state["trainable"], strict=False)
             self.optimizer.load_state_dict(state["optimizer"])
             first_step, best, history = int(state["step"]), float(state["best"]), list(state["history"])

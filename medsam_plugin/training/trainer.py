@@ -150,14 +150,7 @@ class PromptedSam(nn.Module):
     def forward(self, embeddings=None, images=None, points=None, boxes=None, masks=None):
         if embeddings is None:
             embeddings = self.encode(images)
-        sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=masks)
-        return self.sam.mask_decoder(
-            image_embeddings=embeddings,
-            image_pe=self.sam.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
-        )
+        return self.sam.decode(embeddings, points=points, boxes=boxes, masks=masks, multimask_output=False)
 
 
 def _set_trainable(sam: nn.Module, mode: str, lora_rank: int) -> list[str]:
@@ -179,9 +172,14 @@ def _set_trainable(sam: nn.Module, mode: str, lora_rank: int) -> list[str]:
     return wrapped
 
 
-def _make_encode_fn(loaded) -> Callable[[np.ndarray], np.ndarray]:
-    """(B, H, W) uint8 slices -> (B, 256, 64, 64) float32 embeddings, as the engine computes them."""
-    from ..engine.preprocessing import slices_to_model_input
+def slice_encoder(loaded) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+    """(encode, model_key) of a frozen image encoder: the engine's encode path
+    (`engine.predictor.encode_slices`: (B, H, W) uint8 slices -> (B, 256, 64, 64) float32, with the
+    fast encoder path `model.fast.make_encoder` picks, as inference does) and the key its embeddings
+    are cached under (`engine.predictor.model_key`, which names that path)."""
+    import functools
+
+    from ..engine.predictor import encode_slices, model_key
 
     try:
         from ..model.fast import make_encoder
@@ -189,27 +187,23 @@ def _make_encode_fn(loaded) -> Callable[[np.ndarray], np.ndarray]:
         fast = make_encoder(loaded)
     except Exception:  # the fast path is optional
         fast = None
-    encoder = fast if fast is not None else loaded.sam.image_encoder
-
-    def encode(slices_u8: np.ndarray) -> np.ndarray:
-        x, _ = slices_to_model_input(np.asarray(slices_u8), loaded.spec.image_size, loaded.spec.normalization)
-        with torch.inference_mode():
-            return encoder(x.to(loaded.device)).float().cpu().numpy()
-
-    return encode
+    return functools.partial(encode_slices, loaded, encoder=fast), model_key(loaded.spec, fast)
 
 
-def model_key(spec) -> str:
-    """The same key the engine's embedding cache uses for a model and its preprocessing."""
-    return getattr(spec, "embedding_key", "") or f"{spec.name}:{getattr(spec, 'sha256', None)}:{spec.image_size}:{spec.normalization}"
+def read_resume_state(path: Path) -> dict:
+    """The resume state a run saved beside its checkpoint (`save_resume`), read with
+    `weights_only=True`; FileNotFoundError with a sentence for `--resume` when there is none."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--resume was given but there is no resume state at {path}; "
+                                "start without --resume, or point --out at the earlier run's checkpoint.")
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("MEDSAM_PLUGIN_CACHE_DIR")
-    if base:
-        return Path(base) / "train_embeddings"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "medsam_plugin" / "train_embeddings"
+    """`train_embeddings/` in the cache root (`io.cache.cache_root`)."""
+    from ..io.cache import TRAIN_EMBEDDINGS, cache_dir
+
+    return cache_dir(TRAIN_EMBEDDINGS)
 
 
 # ---------------------------------------------------------------------------------- prompts
@@ -291,10 +285,10 @@ class Trainer:
 
         cfg = self.cfg
         train_cases, val_cases = self.read_datalist()
-        encode = None
+        encode, key = None, ""
         cache_dir = cfg.cache_dir
         if cfg.cache_embeddings:
-            encode = _make_encode_fn(loaded)
+            encode, key = slice_encoder(loaded)
             if cache_dir is None and self.info.world > 1:
                 cache_dir = str(default_cache_dir())
         bar = self._bar(0, "encoding slices", "slice")
@@ -306,8 +300,7 @@ class Trainer:
                 bar.update(k)
 
         def chain():
-            return case_transforms(cfg.axis, cfg.window, cfg.min_area, encode, model_key(loaded.spec), cfg.margin,
-                                   cache_dir, 1, progress)
+            return case_transforms(cfg.axis, cfg.window, cfg.min_area, encode, key, cfg.margin, cache_dir, 1, progress)
 
         all_cases = train_cases + val_cases
         if encode is not None and self.info.world > 1:
@@ -455,16 +448,12 @@ class Trainer:
         return save_checkpoint(path, sam, base=self.base_name, meta=meta, trainable_prefixes=prefixes)
 
     def save_resume(self, state: dict) -> None:
-        tmp = self.resume_path.with_name(f".{self.resume_path.name}.{os.getpid()}.tmp")
-        self.resume_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, tmp)
-        os.replace(tmp, self.resume_path)
+        from ..io.atomic import atomic_torch_save
+
+        atomic_torch_save(self.resume_path, state)
 
     def load_resume(self) -> dict | None:
-        if not self.resume_path.is_file():
-            raise FileNotFoundError(f"--resume was given but there is no resume state at {self.resume_path}; "
-                                    "start without --resume, or point --out at the earlier run's checkpoint.")
-        state = torch.load(self.resume_path, map_location="cpu", weights_only=True)
+        state = read_resume_state(self.resume_path)
         missing = self.module.load_state_dict(state["trainable"], strict=False)
         if missing.unexpected_keys:
             raise ValueError(f"The resume state {self.resume_path} does not fit this model/--train mode "

@@ -24,6 +24,7 @@ from monai.transforms import MapTransform, Randomizable, Transform
 
 from ..engine.preprocessing import SliceGeometry, normalize_volume
 from ..engine.propagation import bounding_box_xyxy, interior_point_yx, largest_error_region, prompt_from_previous
+from ..io.orientation import LETTER_TO_WORLD, VIEW_AXCODES  # the engine's views: one home for their axis codes
 
 LOWRES = 256  # side of the decoder's low-res logits, and of LiteMedSAM's input
 DEFAULT_MIN_AREA = 10  # pixels: a slice with less of an object does not count as labelled
@@ -108,9 +109,6 @@ class CheckCased(MapTransform):
 
 
 # ------------------------------------------------------------------------------ geometry
-_LETTER = {"R": (0, False), "L": (0, True), "A": (1, False), "P": (1, True), "S": (2, False), "I": (2, True)}
-VIEW_AXCODES = {"axial": "SPL", "coronal": "AIL", "sagittal": "LIP"}
-
 
 class ToSliceView(Transform):
     """(C, X, Y, Z) array in RAS orientation -> (C, Z, H, W) in the engine's radiological view.
@@ -128,9 +126,9 @@ class ToSliceView(Transform):
         arr = _array(img)  # C,X,Y,Z (RAS)
         order, flips = [], []
         for letter in VIEW_AXCODES[self.axis]:
-            ras_axis, flip = _LETTER[letter]
+            ras_axis, sign = LETTER_TO_WORLD[letter]
             order.append(ras_axis + 1)
-            if flip:
+            if sign < 0:
                 flips.append(ras_axis + 1)
         if flips:
             arr = np.flip(arr, axis=tuple(flips))
@@ -236,16 +234,17 @@ class EncodeSlicesd(MapTransform):
     """Run the frozen image encoder once on every slice that training can visit.
 
     Adds ``embeddings`` {z: (256, 64, 64) float16 array}. With `cache_dir`, each slice's embedding
-    is also kept on disk under a signature of (model, slice pixels), so a second run, or the other
-    ranks of a distributed run, read it instead of encoding again.
+    is also kept on disk, in the engine's self-checking entries (`engine.embedding_cache.
+    cached_embeddings`: `<signature of (model key, slice pixels)>.emb`), so a second run, or the
+    other ranks of a distributed run, read it instead of encoding again.
 
     Args:
         encode: callable (B, H, W) uint8 slices -> (B, 256, 64, 64) float32 array.
-        model_key: text that identifies the encoder weights and preprocessing.
+        model_key: the embeddings' identity (`engine.predictor.model_key`: encoder weights, encoder
+            path and preprocessing).
         margin: slices either side of the labelled ones to embed too.
         cache_dir: optional folder for the on-disk cache.
-        only_cached: raise instead of encoding (distributed ranks that expect the cache filled).
-        progress: optional callable(n_done, n_total, case) after each slice.
+        progress: optional callable(n_done, n_total, case) after each batch of slices.
     """
 
     def __init__(self, keys: KeysCollection = "image", encode: Callable | None = None, model_key: str = "",
@@ -259,42 +258,19 @@ class EncodeSlicesd(MapTransform):
         self.batch_size = max(1, int(batch_size))
         self.progress = progress
 
-    def _path(self, slice_u8: np.ndarray) -> Path | None:
-        if self.cache_dir is None:
-            return None
-        from ..engine.embedding_cache import slice_signature
-
-        return self.cache_dir / f"{slice_signature(slice_u8, self.model_key)}.npy"
-
     def __call__(self, data):
+        from ..engine.embedding_cache import cached_embeddings
+
         d = dict(data)
         vol = d[self.keys[0]]
         zs = slices_to_embed(d["slices"], vol.shape[0], self.margin)
-        out: dict[int, np.ndarray] = {}
-        todo = []
-        for z in zs:
-            path = self._path(vol[z])
-            if path is not None and path.is_file():
-                try:
-                    out[z] = np.load(path)
-                    continue
-                except (OSError, ValueError):
-                    pass  # damaged cache file: encode again
-            todo.append(z)
-        for start in range(0, len(todo), self.batch_size):
-            chunk = todo[start:start + self.batch_size]
-            emb = np.asarray(self.encode(vol[chunk]), dtype=np.float16)
-            for z, e in zip(chunk, emb):
-                out[z] = e
-                path = self._path(vol[z])
-                if path is not None:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-                    np.save(tmp, e)
-                    os.replace(tmp, path)
-            if self.progress is not None:
-                self.progress(len(chunk), len(todo), str(d.get("case", "")))
-        d["embeddings"] = out
+        report = None
+        if self.progress is not None:
+            case = str(d.get("case", ""))
+            report = lambda n, total: self.progress(n, total, case)  # noqa: E731
+        embeddings = cached_embeddings([vol[z] for z in zs], self.encode, self.model_key, self.cache_dir,
+                                       self.batch_size, report)
+        d["embeddings"] = dict(zip(zs, embeddings))
         return d
 
 

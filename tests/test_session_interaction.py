@@ -1,0 +1,127 @@
+"""The interactive rules the napari widget used to hold, now in SegmentationSession (no Qt, fake predictor)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from fakes import FakePredictor, ellipsoid_zyx
+from medsam_plugin.engine.propagation import bounding_box_xyxy, run_to_completion
+from medsam_plugin.engine.session import mask_to_runs, runs_to_mask
+
+
+def make_session(truth):
+    from medsam_plugin.engine.propagation import StopRules
+    from medsam_plugin.engine.session import SegmentationSession
+    from medsam_plugin.io import Volume
+
+    session = SegmentationSession(Volume(np.zeros(truth.shape[::-1], np.float32), np.eye(4)), window="abdomen")
+    session._predictor = FakePredictor(truth)
+    session.stop_rules = StopRules(min_iou_with_previous=None)
+    return session
+
+
+TRUTH = ellipsoid_zyx(shape=(20, 40, 48), center=(10, 20, 24), radii=(6, 12, 15))
+
+
+def propagated(z=10):
+    s = make_session(TRUTH.copy())
+    obj = s.add_object("blob").label_id
+    s.segment_slice(obj, z, box_xyxy=bounding_box_xyxy(TRUTH[z]))
+    run_to_completion(s.propagate(obj))
+    return s, obj
+
+
+def test_runs_round_trip():
+    rng = np.random.default_rng(0)
+    for mask in (rng.random((7, 9)) > 0.5, np.zeros((3, 4), bool), np.ones((3, 4), bool)):
+        np.testing.assert_array_equal(runs_to_mask(mask_to_runs(mask), mask.shape), mask)
+
+
+def test_what_prompts_mean_and_the_slice_result_not_accepted():
+    s = make_session(TRUTH.copy())
+    obj = s.add_object("blob").label_id
+    assert not s.can_undo and not s.can_redo
+    # a box on an empty slice starts over; the result is held, not accepted
+    assert s.prepare_prompt(obj, 10, box_xyxy=bounding_box_xyxy(TRUTH[10])) is False
+    pred = s.segment_slice(obj, 10, box_xyxy=bounding_box_xyxy(TRUTH[10]), commit=False)
+    s.hold_pending(obj, pred)
+    assert s.can_undo and not s.labels.array.any()
+    # points without a box on the held slice refine it: it is accepted first, and they correct it
+    assert s.prepare_prompt(obj, 10) is True
+    assert s.pending is None and (s.labels.array[10] == obj).sum() == TRUTH[10].sum() and 10 in s.seeds[obj]
+    # a result held on another slice is accepted when the next one is held
+    s.hold_pending(obj, s.segment_slice(obj, 12, box_xyxy=bounding_box_xyxy(TRUTH[12]), commit=False))
+    s.hold_pending(obj, s.segment_slice(obj, 8, box_xyxy=bounding_box_xyxy(TRUTH[8]), commit=False))
+    assert (s.labels.array[12] == obj).any() and not (s.labels.array[8] == obj).any()
+    # undo drops what is held first, then walks the history
+    assert "preview" in s.undo() and s.pending is None and s.can_undo
+    assert s.undo() and not (s.labels.array[12] == obj).any() and s.can_redo
+
+
+def test_painting_refuses_locked_objects_and_accepts_the_held_result_first():
+    s, obj = propagated()
+    other = s.add_object("other").label_id
+    s.set_locked(obj, True)
+    painted = s.labels.array.copy()
+    painted[10, 18:22, 22:26] = other  # over the locked object: refused
+    painted[3, 0:2, 0:2] = other  # elsewhere: taken
+    changed, refused = s.take_painting(painted)
+    assert (changed, refused) == (4, 16)
+    assert (s.labels.array[10, 18:22, 22:26] == obj).all() and (s.labels.array[3, 0:2, 0:2] == other).all()
+    assert not s.set_locked(obj)  # toggles back
+    s.clear_object(obj)
+    held = s.segment_slice(other, 10, box_xyxy=bounding_box_xyxy(TRUTH[10]), commit=False)
+    s.hold_pending(other, held)
+    painted = s.labels.array.copy()
+    painted[10, 20, 24] = obj  # a stroke through the held result: it is accepted, and the stroke wins
+    s.take_painting(painted)
+    assert s.pending is None and 10 in s.seeds[other] and s.labels.array[10, 20, 24] == obj
+    assert (s.labels.array[10] == other).sum() == held.mask_yx.sum() - 1
+
+
+def test_review_order_and_volumes():
+    s, obj = propagated()
+    conf = s.confidence_of(obj)
+    order = []
+    while (z := s.next_to_review(obj)) is not None:
+        order.append(z)
+    assert order == sorted((z for z in conf if z != 10), key=lambda z: (conf[z], z))
+    run_to_completion(s.propagate(obj))  # a new run asks for its slices to be looked at again
+    assert not s.reviewed[obj] and s.to_review(obj)
+    assert np.isclose(s.volume_ml(obj), TRUTH.sum() * s.voxel_ml)
+
+
+def test_the_autosave_state_brings_edits_overlaps_prompts_and_the_held_result_back():
+    from medsam_plugin.engine.session import SegmentationSession
+
+    s, obj = propagated()
+    s.set_overlap("allow")
+    over = s.add_object("over").label_id
+    s.segment_slice(over, 10, box_xyxy=bounding_box_xyxy(TRUTH[10]))  # all of it held by obj
+    assert s.overlapping_objects() == [over]
+    painted = s.labels.array.copy()
+    painted[12, 0:3, 0:3] = obj
+    painted[9, 20, 24] = 0
+    s.take_painting(painted)
+    s.store_prompts(obj, fg=[[10, 20, 24]], boxes=[np.array([[10, 1, 1], [10, 1, 9], [10, 9, 9], [10, 9, 1]])])
+    s.next_to_review(obj)
+    s.hold_pending(obj, s.segment_slice(obj, 11, points_yx=np.array([[20, 24]]), point_labels=np.array([1]),
+                                        commit=False))
+    state = json.loads(json.dumps(s.to_state(current=obj)))  # what the autosave writes
+
+    t = SegmentationSession(s.volume, window="abdomen")
+    t._predictor = FakePredictor(TRUTH.copy())
+    t.stop_rules = s.stop_rules
+    assert t.from_state(s.labels.array.copy(), state) == obj
+    assert t.overlap == "allow" and t.overlapping_objects() == [over]
+    np.testing.assert_array_equal(t.object_mask(over), s.object_mask(over))
+    assert sorted(t.edits[obj]) == [9, 12] and t.reviewed == s.reviewed
+    np.testing.assert_array_equal(t.prompts_of(obj)["fg"], [[10, 20, 24]])
+    assert t.pending[0] == obj and t.pending[1].z == 11
+    np.testing.assert_array_equal(t.pending[1].mask_yx, s.pending[1].mask_yx)
+    # the brush edits are edits again: a re-propagation keeps them
+    t.drop_pending()
+    run_to_completion(t.propagate(obj))
+    assert (t.labels.array[12, 0:3, 0:3] == obj).all() and t.labels.array[9, 20, 24] == 0
