@@ -10,6 +10,8 @@ import pickle
 import sys
 from pathlib import Path
 
+from .views import VIEWS
+
 EXIT_BAD_INPUT = 2
 EXIT_CANCELLED = 130
 
@@ -22,7 +24,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--window", default=None,
                    help="intensity window: abdomen, lung, brain, bone, mr, or LEVEL,WIDTH (default: by modality)")
-    p.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"), help="slicing axis")
+    p.add_argument("--axis", default="axial", choices=VIEWS, help="slicing axis")
     p.add_argument("--mode", default=None, help="propagation prompt mode: box, mask, box+mask, points, box+points")
     p.add_argument("--min-iou", type=float, default=None,
                    help="stop propagating when a slice overlaps the previous one less than this (default 0.5)")
@@ -306,7 +308,7 @@ def cmd_segment(args) -> int:
                   + "; ".join(f"{k}: {v}" for k, v in result.stopped.items()), file=sys.stderr)
             unsure = sorted((c, z) for z, c in getattr(result, "confidence", {}).items() if c < 0.5)[:5]
             if unsure:  # where a reviewer should look first
-                print(f"  least sure slices (confidence < 0.5): "
+                print("  least sure slices (confidence < 0.5): "
                       + ", ".join(f"{z} ({c:.2f})" for c, z in unsure), file=sys.stderr)
     written = _save_outputs(session, out, seg_paths, seg_properties, args.per_object_dir)
     for path in written:

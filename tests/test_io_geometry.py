@@ -238,3 +238,11 @@ def test_io_imports_no_torch_or_napari() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_one_list_of_views():
+    """The command lines' view choices (views.py) are the views orientation knows the axes of."""
+    from medsam_plugin.io.orientation import VIEW_AXCODES
+    from medsam_plugin.views import VIEWS
+
+    assert tuple(VIEW_AXCODES) == VIEWS

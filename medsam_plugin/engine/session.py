@@ -768,9 +768,6 @@ class SegmentationSession:
             raise ValueError("An object needs a name: type at least one character.")
         self.labels.objects[label_id].name = str(name).strip()
 
-    def remove_seed(self, label_id: int, z: int) -> None:
-        self.seeds.get(label_id, {}).pop(z, None)
-
     # ------------------------------------------------------------------ volume
     def propagate(self, label_id: int, direction: str = "both", mode: str | None = None,
                   stop: StopRules | None = None, cancel: threading.Event | None = None,

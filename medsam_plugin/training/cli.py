@@ -11,8 +11,9 @@ Data-parallel (same flags)::
 
 from __future__ import annotations
 
-import json
 import sys
+
+from ..views import VIEWS
 
 
 def _recipes(text: str | None) -> dict | None:
@@ -49,7 +50,7 @@ def add_finetune_parser(sub) -> None:
     p.add_argument("--patience", type=int, default=3, help="stop after this many epochs without validation gain")
     p.add_argument("--labels", default=None, help="comma-separated label values to train on (default: the datalist's)")
     p.add_argument("--window", default=None, help="CT window (abdomen, lung, brain, bone, mr, LEVEL,WIDTH); default by modality")
-    p.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"))
+    p.add_argument("--axis", default="axial", choices=VIEWS)
     p.add_argument("--min-area", type=int, default=10, help="pixels of an object for a slice to count (default 10)")
     p.add_argument("--cache-rate", type=float, default=1.0, help="MONAI CacheDataset cache rate (0 to debug)")
     p.add_argument("--cache-dir", default=None,

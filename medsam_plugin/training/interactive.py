@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.propagation import bounding_box_xyxy as _box_xyxy  # the engine's box rule, in the 256 frame here
+from ..views import VIEWS
 from .augment import SliceAugment, label_to_lowres
 from .data import case_transforms, data_errors, load_datalist
 
@@ -72,7 +73,7 @@ class InteractiveConfig:
     out: str
     data_root: str | None = None
     base_model: str = "lite_medsam"
-    views: tuple[str, ...] = ("axial", "coronal", "sagittal")
+    views: tuple[str, ...] = VIEWS
     ct_windows: tuple[str, ...] = CT_WINDOWS
     variants: int = 4                 # augmented copies per (case, view, window), besides the plain one
     slices_per_variant: int = 24      # slices encoded per copy (the ones holding most objects kept first)
