@@ -320,5 +320,34 @@ def test_a_click_seed_smaller_than_its_object_does_not_stop_the_walk_by_growth()
     result = run_to_completion(propagate(predictor, {4: clicked}, mode="mask", stop=growth))
     assert filled(result, 1, 7) == [1, 2, 3, 4, 5, 6, 7]
     boxed = dataclasses.replace(clicked, prompt={"box_xyxy": np.array([16.0, 16, 23, 23]), "points_yx": None})
+    predictor.calls.clear()
     result = run_to_completion(propagate(predictor, {4: boxed}, mode="mask", stop=growth))
-    assert filled(result, 1, 7) == [4]  # a boxed seed that small did bloom: growth still stops it
+    # A boxed seed that small did bloom: growth rejects the mask-prompted answer, and the walk goes
+    # on only with the box retry's answer, which stays the seed's size (no bloom is kept).
+    assert (5, ("box",)) in predictor.calls and (5, ("mask",)) in predictor.calls
+    assert all(result.predictions[z].mask_yx.sum() <= 1.2 * core.sum() for z in result.predictions)
+
+
+def test_a_mask_prompted_walk_retries_a_rejected_slice_with_the_box_before_it_stops():
+    """The dense prompt carries drift; the propagation box alone re-anchors on the image. The walk
+    stops only where the box's answer fails the policy too."""
+    truth = ellipsoid_zyx()
+    drifted = truth.copy()
+    drifted[13:, 2:38, 2:46] = True  # from slice 13 the true mask fills the field...
+
+    class DriftOnMask(FakePredictor):
+        def predict(self, z, **kw):  # ...but only a mask-prompted answer drifts into it
+            out = super().predict(z, **kw)
+            if kw.get("mask_logits_256") is not None and z >= 13:
+                out = dataclasses.replace(out, mask_yx=drifted[z].copy())
+            return out
+
+    growth = StopRules(policy=StopPolicy(min_iou_previous=None, max_area_growth=1.5))
+    fake = DriftOnMask(truth)
+    result = run_to_completion(propagate(fake, seed(fake, 10), mode="box+mask", direction="up", stop=growth))
+    assert max(result.slices) == 16  # the box retries carried the walk to the object's end
+    assert all(np.array_equal(result.predictions[z].mask_yx, truth[z]) for z in result.predictions)
+    # In box mode there is no dense prompt to blame: nothing is retried.
+    fake = DriftOnMask(truth)
+    result = run_to_completion(propagate(fake, seed(fake, 10), mode="box", direction="up", stop=growth))
+    assert max(result.slices) == 16 and all(kinds == ("box",) for _, kinds in fake.calls[1:])
