@@ -125,3 +125,47 @@ def test_the_autosave_state_brings_edits_overlaps_prompts_and_the_held_result_ba
     t.drop_pending()
     run_to_completion(t.propagate(obj))
     assert (t.labels.array[12, 0:3, 0:3] == obj).all() and t.labels.array[9, 20, 24] == 0
+
+
+def test_a_correction_keeps_the_answer_that_honours_the_clicks_and_changes_least():
+    """Corrective clicks on a model that reads clicks and masks: the session asks several ways and
+    keeps the answer honouring most clicks, then the smallest change; a way that erases the
+    object (as repeated background clicks did to a ring-shaped lesion) is passed over."""
+    from types import SimpleNamespace
+
+    class Eraser(FakePredictor):
+        """With its box and full-strength logits, a background click erases the whole slice."""
+
+        spec = SimpleNamespace(reads_points=True, reads_masks=True, click_refine_passes=0)
+
+        def predict(self, z, points_yx=None, point_labels=None, box_xyxy=None, mask_logits_256=None, multimask=False):
+            out = super().predict(z, points_yx, point_labels, box_xyxy, mask_logits_256, multimask)
+            if mask_logits_256 is None or points_yx is None:
+                return out
+            mask = out.mask_yx.copy()
+            if box_xyxy is not None and np.abs(mask_logits_256).max() > 4 and 0 in list(point_labels):
+                mask[:] = False
+            else:  # the other ways take away a disc round each background click
+                yy, xx = np.mgrid[: mask.shape[0], : mask.shape[1]]
+                for (y, x), k in zip(np.asarray(points_yx), point_labels):
+                    if k == 0:
+                        mask &= (yy - y) ** 2 + (xx - x) ** 2 > 9
+            return SlicePrediction(z=out.z, mask_yx=mask, logits_256=out.logits_256, iou=out.iou, prompt=out.prompt)
+
+    from medsam_plugin.engine.predictor import SlicePrediction
+
+    s = make_session(TRUTH.copy())
+    s._predictor = Eraser(TRUTH.copy())
+    obj = s.add_object("blob").label_id
+    s.segment_slice(obj, 10, box_xyxy=bounding_box_xyxy(TRUTH[10]))
+    before = s.labels.array[10] == obj
+    calls = len(s.predictor.calls)
+    pred = s.segment_slice(obj, 10, points_yx=np.array([[20.0, 24.0]]), point_labels=np.array([0]),
+                           use_current_mask=True)
+    assert len(s.predictor.calls) - calls == 3  # with the box, without it, at half strength
+    assert not pred.mask_yx[20, 24] and pred.mask_yx.sum() >= before.sum() - 40  # a disc, not the slice
+    assert pred.prompt["box_xyxy"] is not None  # the next correction still has the slice's box
+    # A second click: four ways (the newest click alone too), and both clicks stay honoured.
+    pred = s.segment_slice(obj, 10, points_yx=np.array([[20.0, 24.0], [20.0, 14.0]]), point_labels=np.array([0, 0]),
+                           use_current_mask=True)
+    assert not pred.mask_yx[20, 24] and not pred.mask_yx[20, 14] and pred.mask_yx.sum() > 0.8 * before.sum()
