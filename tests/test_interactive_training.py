@@ -245,3 +245,27 @@ def test_synthetic_lesions_are_painted_and_labelled_across_three_slices():
     for img, lab, (lo, hi) in rows:
         assert img.dtype == np.uint8 and lab.shape == (256, 256) and lo.shape == hi.shape == (256, 256)
         assert (lab == LESION_ID).sum() >= 16
+
+
+def test_the_slice_bank_takes_painted_lesions_when_asked(tiny_datalist, tmp_path, monkeypatch):
+    """--synthetic-slices adds that many painted slices per (case, view, window), each holding a
+    lesion object; without it the bank is what it was."""
+    from medsam_plugin.training.data import load_datalist
+    from medsam_plugin.training.interactive import bank_samples, build_bank
+    from medsam_plugin.training.synthetic import LESION_ID
+
+    _use_encoder_path(monkeypatch, _FakeEncoderPath("fp32-fast", 1.0))
+    cases = load_datalist(tiny_datalist, None, "training")
+    banks = {}
+    for count in (0, 3):
+        cfg = InteractiveConfig(datalist=str(tiny_datalist), out=str(tmp_path / "m.pth"), views=("axial",),
+                                ct_windows=("abdomen",), variants=0, slices_per_variant=2, synthetic_slices=count,
+                                cache_dir=str(tmp_path / "cache"), progress=False)
+        banks[count] = build_bank(cases, _fake_loaded(), cfg, np.random.default_rng(0), augment=True,
+                                  say=lambda msg: None)
+    assert len(banks[3]) == len(banks[0]) + 3
+    painted = [s for s in banks[3] if s.case.endswith("(synthetic lesion)")]
+    assert len(painted) == 3 and all((s.label == LESION_ID).sum() >= 16 for s in painted)
+    present, _, _ = bank_samples(banks[3], 16)
+    assert sum(v == LESION_ID for _, v in present) == 3
+    assert not any(v == LESION_ID for _, v in bank_samples(banks[0], 16)[0])

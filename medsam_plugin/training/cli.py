@@ -80,6 +80,7 @@ def add_finetune_parser(sub) -> None:
     g.add_argument("--slices-per-variant", type=int, default=24, help="slices encoded per augmented copy")
     g.add_argument("--synthetic-slices", type=int, default=0,
                    help="slices per (case, view, window) with a painted synthetic lesion (blob or ring)")
+    g.add_argument("--synthetic-share", type=float, default=0.35, help="share of object draws given to painted lesions")
     g.add_argument("--views", default="axial,coronal,sagittal", help="slicing views to train on")
     g.add_argument("--val-every", type=int, default=100, help="validate and checkpoint every N steps")
     g.add_argument("--prompt-encoder-lr-scale", type=float, default=10.0,
@@ -121,7 +122,8 @@ def interactive_config_from_args(args):
     return InteractiveConfig(
         datalist=args.datalist, out=args.out, data_root=args.data_root, base_model=args.model,
         views=tuple(v.strip() for v in args.views.split(",") if v.strip()), variants=args.variants,
-        slices_per_variant=args.slices_per_variant, synthetic_slices=args.synthetic_slices, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        slices_per_variant=args.slices_per_variant, synthetic_slices=args.synthetic_slices,
+        synthetic_share=args.synthetic_share, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, max_rounds=args.max_rounds,
         prompt_encoder_lr_scale=args.prompt_encoder_lr_scale, distill_weight=args.distill_weight,
         iou_weight=args.iou_weight, val_every=args.val_every, validation_datalist=args.validation_datalist,
