@@ -6,7 +6,7 @@ recorded ONCE with no stop rule (it runs until the mask empties or the volume en
 slice the `SliceSignals` and the overlap with the truth. A stop rule only truncates a walk (in box
 mode a slice's prompt depends only on the slices before it), so replaying any `StopPolicy` on the
 recorded sequences gives exactly what a propagation with that policy would have returned.
-In a mask-prompted mode the engine retries a slice the policy rejects with the box alone
+In box+mask mode the engine retries a slice the policy rejects with the box alone
 (`engine.propagation.FALLBACK_MODE`) and walks on from that answer when it passes; the replay
 does not model that retry, so for those modes it is exact only up to the first rejected slice.
 
