@@ -323,6 +323,23 @@ def test_a_click_seed_smaller_than_its_object_does_not_stop_the_walk_by_growth()
     predictor.calls.clear()
     result = run_to_completion(propagate(predictor, {4: boxed}, mode="mask", stop=growth))
     assert filled(result, 1, 7) == [4]  # a boxed seed that small did bloom: growth still stops it
+
+
+def test_a_walk_from_a_click_seed_may_keep_growing_for_several_slices():
+    """Past a click seed an object can widen over several slices (a cone here, 1.5x per slice):
+    the walk from clicks follows it; from a box that small, growth stops it at once."""
+    truth = np.zeros((9, 48, 48), bool)
+    for z, half in zip(range(4, 9), (3, 4, 5, 6, 7)):
+        truth[z, 24 - half:24 + half, 24 - half:24 + half] = True
+    predictor = FakePredictor(truth)
+    growth = StopRules(policy=StopPolicy(min_iou_previous=None, max_area_growth=1.2))
+    clicked = SlicePrediction(z=4, mask_yx=truth[4].copy(), logits_256=np.zeros((256, 256), np.float32), iou=0.9,
+                              prompt={"box_xyxy": None, "points_yx": np.array([[24.0, 24.0]]), "mask": False})
+    result = run_to_completion(propagate(predictor, {4: clicked}, mode="mask", direction="up", stop=growth))
+    assert filled(result, 4, 8) == [4, 5, 6, 7, 8]
+    boxed = dataclasses.replace(clicked, prompt={"box_xyxy": np.array([21.0, 21, 26, 26]), "points_yx": None})
+    result = run_to_completion(propagate(predictor, {4: boxed}, mode="mask", direction="up", stop=growth))
+    assert filled(result, 4, 8) == [4]
     assert (5, ("box",)) not in predictor.calls  # mask-only mode is never given a box
 
 
