@@ -158,30 +158,31 @@ def test_asking_for_bf16_without_native_support_falls_back(lite_medsam, monkeypa
     assert name == "fp32-fast" and "emulated" in why
 
 
-def test_openvino_is_imported_without_its_usage_telemetry():
-    """Importing openvino would otherwise report usage to Intel; this tool never sends anything."""
+def _printed_by_python(code: str) -> list[str]:
+    """What a fresh interpreter running `code` prints, split into words (imports start clean)."""
     import subprocess
     import sys
 
     _require_openvino()
-    code = ("import sys; from medsam_plugin.model.fast import import_openvino; import_openvino(); "
-            "import openvino.tools.ovc.telemetry_utils as t, openvino.tools.ovc.convert_impl as c; "
-            "print(t.tm.__name__, c.tm.__name__, sys.modules.get('openvino_telemetry'))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+
+
+def test_openvino_is_imported_without_its_usage_telemetry():
+    """Importing openvino would otherwise report usage to Intel; this tool never sends anything."""
+    out = _printed_by_python(
+        "import sys; from medsam_plugin.model.fast import import_openvino; import_openvino(); "
+        "import openvino.tools.ovc.telemetry_utils as t, openvino.tools.ovc.convert_impl as c; "
+        "print(t.tm.__name__, c.tm.__name__, sys.modules.get('openvino_telemetry'))")
     assert out == ["openvino.tools.ovc.telemetry_stub", "openvino.tools.ovc.telemetry_stub", "None"]
 
 
 def test_openvino_imported_first_still_sends_nothing_through_this_tool():
     """A user's `import openvino` before medsam_plugin: the converter is pointed at the stub and the
     telemetry object's consent is off, so nothing medsam_plugin does afterwards reports anything."""
-    import subprocess
-    import sys
-
-    _require_openvino()
-    code = ("import openvino, openvino_telemetry; from medsam_plugin.model.fast import import_openvino; "
-            "import_openvino(); import openvino.tools.ovc.telemetry_utils as t, openvino.tools.ovc.convert_impl as c; "
-            "print(t.tm.__name__, c.tm.__name__, openvino_telemetry.Telemetry().consent)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    out = _printed_by_python(
+        "import openvino, openvino_telemetry; from medsam_plugin.model.fast import import_openvino; "
+        "import_openvino(); import openvino.tools.ovc.telemetry_utils as t, openvino.tools.ovc.convert_impl as c; "
+        "print(t.tm.__name__, c.tm.__name__, openvino_telemetry.Telemetry().consent)")
     assert out == ["openvino.tools.ovc.telemetry_stub", "openvino.tools.ovc.telemetry_stub", "False"]
 
 

@@ -572,10 +572,11 @@ class SegmentationSession:
         """
         self._require(label_id)
         n_points = 0 if points_yx is None else len(np.asarray(points_yx).reshape(-1, 2))
+        spec = getattr(self.predictor, "spec", None)
+        reads_points = getattr(spec, "reads_points", False)
         if multimask is None:
             # SAM's rule (three candidates for a lone point) for models never trained on points;
             # a model trained on clicks answers them with its one trained output.
-            reads_points = getattr(getattr(self.predictor, "spec", None), "reads_points", False)
             multimask = box_xyxy is None and n_points == 1 and not use_current_mask and not reads_points
         mask_logits = None
         previous = self.seeds.get(label_id, {}).get(z) or self._last_prediction(label_id, z)
@@ -587,8 +588,7 @@ class SegmentationSession:
         # answers better when its first answer is fed back with the same clicks.
         refine = 0
         if n_points and box_xyxy is None and mask_logits is None and not multimask:
-            refine = int(getattr(getattr(self.predictor, "spec", None), "click_refine_passes", 0) or 0)
-        reads_points = getattr(getattr(self.predictor, "spec", None), "reads_points", False)
+            refine = int(getattr(spec, "click_refine_passes", 0) or 0)
         with self._lock:
             if mask_logits is not None and n_points and reads_points and not multimask:
                 pred = self._answer_correction(z, points_yx, point_labels, box_xyxy, previous)
