@@ -56,7 +56,7 @@ def test_a_lone_object_scores_the_same_in_the_label_map_and_on_its_own(spleen_to
     score = simulate_object(session, spleen, 1, clicks=3, stop=StopRules(policy=LEGACY_POLICY))
     # Both correction paths ran ("stop here", and clicks whose re-propagation redoes neighbouring
     # slices on this cut), so the own-result record had to follow each of them.
-    assert session.stop_slices.get(1) and len(session.seeds[1]) >= 3, (session.stop_slices, session.seeds[1])
+    assert session.stop_slices.get(1) and len(session.seeds[1]) >= 2, (session.stop_slices, session.seeds[1])
     assert score.clicks == 3 and score.dice > 0.85, score
     assert score.dice == pytest.approx(dice(session.labels.array == 1, spleen), abs=1e-6)
     assert score.dice_own == score.dice and score.nsd_own == score.nsd

@@ -105,16 +105,46 @@ def test_a_lone_click_is_refined_with_its_own_answer(interactive, embedding_cach
 
 
 def test_three_corrections_never_lower_the_spleen_dice(interactive, embedding_cache_dir):
+    """The simulated expert's three clicks (the challenge's 3D rule). On the spleen its largest
+    error is a thin rim the walk put round the organ; the clicks there may change little, but
+    they must not make it worse."""
     from medsam_plugin.evaluation.simulate import simulate_object
 
     session, truth = _spleen_session(interactive, embedding_cache_dir)
     score = simulate_object(session, truth, 1, name="spleen", clicks=3)
     rounds = score.dice_per_round
-    assert len(rounds) == 4
-    # Measured 0.9495 0.9541 0.9567 0.9566: the third click (one more on a slice already at 0.953)
-    # moves the 3D Dice by -0.0001. A collapse, what the rule guards against, would cost tenths.
+    assert len(rounds) == 4 and rounds[0] >= 0.85
     assert all(b >= a - 1e-3 for a, b in zip(rounds, rounds[1:])), rounds
-    assert rounds[-1] >= rounds[0] + 0.005 and rounds[0] >= 0.85
+
+
+def test_clicks_on_the_worst_propagated_slice_correct_it(interactive, embedding_cache_dir):
+    """Three clicks, each at the centre of the slice's largest error region, on the propagated
+    slice with the most wrong pixels (of those the walk reached): the first click raises its Dice
+    and none leaves it below where it started."""
+    from medsam_plugin.engine.propagation import (bounding_box_xyxy, interior_point_yx, largest_error_region,
+                                                  run_to_completion)
+    from medsam_plugin.evaluation.metrics import dice
+
+    session, truth = _spleen_session(interactive, embedding_cache_dir)
+    session.add_object("spleen", label_id=1)
+    z0 = int(np.argmax(truth.sum(axis=(1, 2))))
+    session.segment_slice(1, z0, box_xyxy=bounding_box_xyxy(truth[z0]))
+    run_to_completion(session.propagate(1))
+    pred = session.labels.array == 1
+    errors = np.where(pred.any(axis=(1, 2)) & truth.any(axis=(1, 2)), (pred ^ truth).sum(axis=(1, 2)), 0)
+    errors[z0] = 0
+    z = int(np.argmax(errors))
+    points, kinds, scores = [], [], [dice(pred[z], truth[z])]
+    current = pred[z]
+    for _ in range(3):
+        region, kind = largest_error_region(truth[z], current)
+        points.append(interior_point_yx(region))
+        kinds.append(kind)
+        current = session.segment_slice(1, z, points_yx=np.array(points), point_labels=np.array(kinds),
+                                        use_current_mask=True).mask_yx
+        scores.append(dice(current, truth[z]))
+    # Measured 0.944 0.953 0.952 0.952: later clicks on a slice this good move it by a thousandth.
+    assert scores[1] >= scores[0] + 0.005 and min(scores[1:]) > scores[0], scores
 
 
 def test_protocols_and_their_json_fields(tmp_path, embedding_cache_dir):
@@ -123,7 +153,7 @@ def test_protocols_and_their_json_fields(tmp_path, embedding_cache_dir):
         out = tmp_path / f"{protocol}.json"
         cmd = [sys.executable, "-m", "medsam_plugin.cli", "evaluate", str(SPLEEN / "image.nii.gz"),
                str(SPLEEN / "label.nii.gz"), "--model", "medsam_interactive", "--protocol", protocol,
-               "--clicks", "1", "--cache-dir", str(embedding_cache_dir), "--json", str(out)]
+               "--clicks", "2", "--cache-dir", str(embedding_cache_dir), "--json", str(out)]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
         reports[protocol] = json.loads(out.read_text())
@@ -132,8 +162,9 @@ def test_protocols_and_their_json_fields(tmp_path, embedding_cache_dir):
         obj = report["objects"][0]
         for key in ("seed_dice", "dice_per_round", "nsd_per_round", "dsc_auc", "nsd_auc", "span"):
             assert key in obj, key
-        assert len(obj["dice_per_round"]) == len(obj["nsd_per_round"]) == 2
-        assert obj["dsc_auc"] == pytest.approx((obj["dice_per_round"][0] + obj["dice_per_round"][1]) / 2)
+        assert len(obj["dice_per_round"]) == len(obj["nsd_per_round"]) == 3
+        # The challenge's area: over the click rounds only (the first prompt's round left out).
+        assert obj["dsc_auc"] == pytest.approx((obj["dice_per_round"][1] + obj["dice_per_round"][2]) / 2)
         assert obj["seed_dice"] >= 0.85
     span = reports["box3d"]["objects"][0]["span"]
     lo, hi = span["truth_range"]

@@ -169,3 +169,36 @@ def test_a_correction_keeps_the_answer_that_honours_the_clicks_and_changes_least
     pred = s.segment_slice(obj, 10, points_yx=np.array([[20.0, 24.0], [20.0, 14.0]]), point_labels=np.array([0, 0]),
                            use_current_mask=True)
     assert not pred.mask_yx[20, 24] and not pred.mask_yx[20, 14] and pred.mask_yx.sum() > 0.8 * before.sum()
+
+
+
+def test_a_background_click_the_model_ignores_carves_out_the_clicked_region():
+    """A model that keeps a region whatever the background clicks say: the session takes out the
+    connected part of the mask round the click that looks like the click (by intensity), and
+    nothing when that part is half the mask or more."""
+    from types import SimpleNamespace
+
+    class Stubborn(FakePredictor):
+        spec = SimpleNamespace(reads_points=True, reads_masks=True, click_refine_passes=0)
+
+    s = make_session(TRUTH.copy())
+    s._predictor = Stubborn(TRUTH.copy())
+    image = np.zeros(TRUTH.shape, np.uint8)
+    image[TRUTH] = 100
+    image[:, :, 30:][TRUTH[:, :, 30:]] = 200  # the object's right part (a fifth of it) is brighter
+    s.predictor.volume = image
+    obj = s.add_object("blob").label_id
+    s.segment_slice(obj, 10, box_xyxy=bounding_box_xyxy(TRUTH[10]))
+    before = TRUTH[10]
+    click = dict(points_yx=np.array([[20.0, 34.0]]), point_labels=np.array([0]), use_current_mask=True)
+    pred = s.segment_slice(obj, 10, **click)
+    assert not pred.mask_yx[20, 34] and not pred.mask_yx[:, 30:].any()  # the bright part is gone
+    assert np.array_equal(pred.mask_yx[:, :30], before[:, :30])  # the rest is untouched
+    from medsam_plugin.engine.session import mask_logits_256
+
+    carved = mask_logits_256(before & ~pred.mask_yx) > 0  # in the decoder's 256 x 256 frame
+    assert carved.any() and (pred.logits_256[carved] < 0).all()  # the next correction starts from it
+    # Where the click's region is most of the mask, the slice is not erased.
+    image[TRUTH] = 100
+    s.undo()
+    assert np.array_equal(s.segment_slice(obj, 10, **click).mask_yx, before)

@@ -50,6 +50,13 @@ def runs_to_mask(runs, shape_hw) -> np.ndarray:
     return flat.reshape(tuple(int(v) for v in shape_hw))
 
 
+# A background click that no way of asking the model honours carves out the connected part of
+# the mask round the click within CARVE_SPREAD mask stds of the click's intensity, unless that is
+# CARVE_MAX_SHARE of the mask or more (see SegmentationSession._carve_background_click).
+CARVE_SPREAD = 0.5
+CARVE_MAX_SHARE = 0.5
+
+
 def mask_logits_256(mask: np.ndarray) -> np.ndarray:
     """A mask as low-res logits in the decoder's 256 x 256 frame (longest side scaled to 256, padded
     bottom/right), +8 inside and -8 outside, so mask-prompted modes can use a mask nobody predicted."""
@@ -632,9 +639,44 @@ class SegmentationSession:
             key = (-honoured, int((answer.mask_yx ^ previous.mask_yx).sum()))
             if best_key is None or key < best_key:
                 best, best_key = answer, key
+        if labels[-1] == 0 and best.mask_yx[rows[-1], cols[-1]]:
+            carved = self._carve_background_click(z, best, rows, cols, labels)
+            best = carved if carved is not None else best
         # The slice remembers the user's prompt (all clicks, its box), which the next correction builds on.
         return dataclasses.replace(best, prompt={**best.prompt, "points_yx": points, "point_labels": labels,
                                                  "box_xyxy": box_xyxy, "mask": True})
+
+    def _carve_background_click(self, z: int, answer: SlicePrediction, rows, cols, labels) -> SlicePrediction | None:
+        """The answer with the newest background click's region taken out, where no way of asking
+        the model honoured the click: the connected part of the mask round the click whose
+        intensity is within CARVE_SPREAD (a fraction of the mask's std) of the click's. None when
+        that region is most of the mask (CARVE_MAX_SHARE) or the carve honours no more clicks.
+
+        Why: the model often keeps a region the user clicks away (BraTS 2013 necrosis, a
+        TotalSegmentator MR liver: the same background click five times, Dice unchanged). Box
+        protocol, 5 clicks, Dice after round 5: validation cases 0.479 -> 0.487, training cases
+        0.901 -> 0.927 (MR liver 0.807 -> 0.885). A share of 0.5 beat 0.9 in 6 of 7
+        leave-one-case-out folds."""
+        from scipy import ndimage
+
+        mask = answer.mask_yx
+        image = np.asarray(self.predictor.volume[z], dtype=np.float32)
+        r, c = int(rows[-1]), int(cols[-1])
+        spread = max(float(image[mask].std()), 1.0)
+        reference = float(np.median(image[max(0, r - 1):r + 2, max(0, c - 1):c + 2]))
+        regions, _ = ndimage.label(mask & (np.abs(image - reference) <= CARVE_SPREAD * spread))
+        if regions[r, c] == 0:
+            return None
+        region = regions == regions[r, c]
+        if region.sum() >= CARVE_MAX_SHARE * mask.sum():
+            return None
+        carved = mask & ~region
+        wanted = labels == 1
+        if (carved[rows, cols] == wanted).sum() <= (mask[rows, cols] == wanted).sum():
+            return None
+        # The logits say "outside" over the region, so the next correction starts from the carve.
+        logits = np.minimum(answer.logits_256, -mask_logits_256(region)).astype(np.float32)
+        return dataclasses.replace(answer, mask_yx=carved, logits_256=logits)
 
     def _last_prediction(self, label_id: int, z: int) -> SlicePrediction | None:
         return self._propagated.get(label_id, {}).get(z)

@@ -1,6 +1,6 @@
 """A simulated expert: draws the ground-truth box where the object is largest, lets the tool
-propagate, then corrects the worst slice and lets it re-propagate: a click at the centre of the
-largest error region, or, where the walk ran past the object's end, "stop here" on that slice.
+propagate, then corrects and lets it re-propagate: a click at the centre of the largest 3D error
+region, or, where that lies past the object's end, "stop here" on the first slice beyond it.
 
 Two scores per object. `dice`/`nsd` score what the object holds in the session's label map, where
 the first object to claim a voxel keeps it: with nested or touching labels, an object segmented
@@ -16,8 +16,9 @@ Protocols (how the first prompt is given, on the slice where the object is large
 - ``box3d``: the box, and the walk limited to the label's z-extent (the CVPR 2024 "MedSAM on
   laptop" setting).
 ``seed_dice`` is the 2D Dice on the prompted slice before propagation; ``dsc_auc``/``nsd_auc`` the
-area under the per-round curves (trapezoids, one unit per round, as the CVPR 2025 interactive
-challenge scores; 0 rounds of clicks give 0)."""
+area under the per-round curves of the click rounds (trapezoids, one unit per round; the first
+prompt's round is left out, as the CVPR 2025 interactive challenge scores, so fewer than two
+clicks give 0). Corrective clicks follow that challenge's rule too (`largest_error_click`)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..engine.propagation import bounding_box_xyxy, interior_point_yx, largest_error_region, run_to_completion
+from ..engine.propagation import bounding_box_xyxy, interior_point_yx, run_to_completion
 from .metrics import dice, normalized_surface_dice
 
 PROTOCOLS = ("box", "click", "box3d")
@@ -82,13 +83,30 @@ class ObjectScore:
 
 
 def largest_error_click(pred_zyx: np.ndarray, truth_zyx: np.ndarray):
-    """(z, point_yx, label) at the centre of the largest error region of the worst slice, or None."""
-    errors = (pred_zyx ^ truth_zyx).sum(axis=(1, 2))
-    if errors.max() == 0:
+    """(z, point_yx, label) of the next corrective click, or None when the prediction is perfect.
+
+    The rule of the CVPR 2025 interactive 3D segmentation challenge: the click goes to the voxel
+    deepest inside (largest Euclidean distance transform, in voxels) the largest 26-connected
+    error component in 3D; foreground (1) where the truth has the object there, else background
+    (0). Among equally deep voxels, the one nearest their centroid (the challenge draws one at
+    random; in a thin component many tie).
+    A 3D component lets the expert's click land on a stretch of slices the walk missed, not only
+    on the slice with the most wrong pixels.
+    """
+    from scipy import ndimage
+
+    error = pred_zyx != truth_zyx
+    if not error.any():
         return None
-    z = int(np.argmax(errors))
-    region, kind = largest_error_region(truth_zyx[z], pred_zyx[z])
-    return z, interior_point_yx(region), kind
+    components, count = ndimage.label(error, structure=np.ones((3, 3, 3), dtype=bool))
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    largest = components == int(np.argmax(sizes))
+    # Zero padding makes the volume's border count as outside the component.
+    depth = ndimage.distance_transform_edt(np.pad(largest, 1))[1:-1, 1:-1, 1:-1]
+    deepest = np.argwhere(depth == depth.max())
+    z, y, x = deepest[int(np.argmin(((deepest - deepest.mean(axis=0)) ** 2).sum(axis=1)))]
+    return int(z), np.array([float(y), float(x)]), int(bool(truth_zyx[z, y, x]))
 
 
 def area_under_rounds(values) -> float:
@@ -187,7 +205,7 @@ def simulate_object(session, truth_zyx: np.ndarray, label_id: int, name: str = "
         slices_prompted=len(session.seeds[label_id]), slices_predicted=int(pred.any(axis=(1, 2)).sum()),
         slices_truth=int((areas > 0).sum()), clicks=len(rounds) - 1, protocol=protocol, seed_slice=z0,
         seed_dice=seed_dice, dice_per_round=rounds, nsd_per_round=nsd_rounds,
-        dsc_auc=area_under_rounds(rounds), nsd_auc=area_under_rounds(nsd_rounds), span=_span(own, truth_zyx),
+        dsc_auc=area_under_rounds(rounds[1:]), nsd_auc=area_under_rounds(nsd_rounds[1:]), span=_span(own, truth_zyx),
         confidence={int(z): round(float(c), 4) for z, c in sorted(getattr(result, "confidence", {}).items())},
         stopped=dict(result.stopped), seconds=time.perf_counter() - start)
 
