@@ -193,6 +193,7 @@ def test_a_background_click_the_model_ignores_carves_out_the_clicked_region():
     click = dict(points_yx=np.array([[20.0, 34.0]]), point_labels=np.array([0]), use_current_mask=True)
     pred = s.segment_slice(obj, 10, **click)
     assert not pred.mask_yx[20, 34] and not pred.mask_yx[:, 30:].any()  # the bright part is gone
+    assert pred.prompt["carved"] is True  # so the widget can say what happened
     assert np.array_equal(pred.mask_yx[:, :30], before[:, :30])  # the rest is untouched
     from medsam_plugin.engine.session import mask_logits_256
 

@@ -676,7 +676,7 @@ class SegmentationSession:
             return None
         # The logits say "outside" over the region, so the next correction starts from the carve.
         logits = np.minimum(answer.logits_256, -mask_logits_256(region)).astype(np.float32)
-        return dataclasses.replace(answer, mask_yx=carved, logits_256=logits)
+        return dataclasses.replace(answer, mask_yx=carved, logits_256=logits, prompt={**answer.prompt, "carved": True})
 
     def _last_prediction(self, label_id: int, z: int) -> SlicePrediction | None:
         return self._propagated.get(label_id, {}).get(z)

@@ -737,6 +737,9 @@ class MedSAMWidget(QWidget):
             self.timings["segment_s"].append(dt)
             what = "corrected" if correction else "segmented"
             clipped = " (the box was clipped to the image)" if box_note == "clipped" else ""
+            if (pred.prompt or {}).get("carved"):
+                clipped += (" (the model kept the spot the background click marked, so the tool cut out the part "
+                            "of the mask round the click with the click's intensity; Ctrl+Z undoes)")
             self._set_status(f"Slice {z} {what}{clipped} ({int(pred.mask_yx.sum())} px, predicted IoU {pred.iou:.2f}, "
                              f"{dt * 1000:.0f} ms). A accepts, P propagates, more clicks refine.")
             if correction and session.was_propagated(label_id) and self.panel.repropagate_check.isChecked():
