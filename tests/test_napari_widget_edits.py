@@ -108,3 +108,46 @@ def test_undo_and_redo_are_greyed_out_when_there_is_nothing_to_take_back(make, q
     assert undo.isEnabled() and not redo.isEnabled()
     qtbot.mouseClick(undo, Qt.LeftButton)
     assert undo.isEnabled() and redo.isEnabled()
+
+
+def test_a_background_click_the_model_ignores_is_carved_and_the_status_says_so(spleen_widget, qtbot):
+    """A real click with the '-' points tool where the model keeps the region whatever it is told,
+    then S: the region round the click that looks like it is cut out of the slice, the status
+    says so, and Ctrl+Z brings it back."""
+    from types import SimpleNamespace
+
+    from qtpy.QtCore import Qt
+
+    from fakes import FakePredictor
+
+    class Stubborn(FakePredictor):
+        spec = SimpleNamespace(reads_points=True, reads_masks=True, click_refine_passes=0)
+
+    viewer, build = spleen_widget
+    w = build(predictor=Stubborn)
+    ny, nx = w.session.shape_zyx[1:]
+    image = np.where(w.truth, 100, 0).astype(np.uint8)
+    right = np.zeros_like(w.truth)
+    right[:, :, nx // 2 + nx // 8:] = True
+    image[w.truth & right] = 200  # the object's right part looks different
+    w.session._predictor.volume = image
+    seed(w, viewer, qtbot)
+    key(viewer, qtbot, Qt.Key_P)
+    assert w.wait(20)
+    w.set_slice(13)  # a propagated slice: the click there corrects it
+    before = w.session.labels.array[13].copy()
+    click = (13, ny // 2, nx // 2 + nx // 4 - 2)
+    assert before[click[1:]] and right[click]
+    viewer.layers.selection.active = w.bg_layer
+    w.bg_layer.mode = "add"
+    drag_on_canvas(viewer, w.image_layer, [click])
+    assert len(w.bg_layer.data) == 1
+    key(viewer, qtbot, Qt.Key_S)
+    assert w.wait(20)
+    qtbot.waitUntil(lambda: "cut out" in w.panel.status.text(), timeout=20_000)
+    assert w.wait(20)
+    after = w.session.labels.array[13]
+    assert not after[right[13]].any() and np.array_equal(after[~right[13]], before[~right[13]])
+    key(viewer, qtbot, Qt.Key_Z, Qt.ControlModifier)
+    assert w.wait(20)
+    assert np.array_equal(w.session.labels.array[13], before)

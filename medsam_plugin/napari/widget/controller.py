@@ -47,6 +47,12 @@ def _notify(kind: str, message: str) -> None:
      "error": notifications.show_error}[kind](message)
 
 
+# What the status says when a background click the model ignored was carved out by the session
+# (SegmentationSession._carve_background_click).
+CARVED_NOTE = ("the model kept the spot the background click marked, so the part of the mask round the click "
+               "with the click's intensity was cut out (Ctrl+Z undoes)")
+
+
 class MedSAMWidget(QWidget):
     """Interactive MedSAM segmentation of the selected scan.
 
@@ -738,8 +744,7 @@ class MedSAMWidget(QWidget):
             what = "corrected" if correction else "segmented"
             clipped = " (the box was clipped to the image)" if box_note == "clipped" else ""
             if (pred.prompt or {}).get("carved"):
-                clipped += (" (the model kept the spot the background click marked, so the tool cut out the part "
-                            "of the mask round the click with the click's intensity; Ctrl+Z undoes)")
+                clipped += f" ({CARVED_NOTE})"
             self._set_status(f"Slice {z} {what}{clipped} ({int(pred.mask_yx.sum())} px, predicted IoU {pred.iou:.2f}, "
                              f"{dt * 1000:.0f} ms). A accepts, P propagates, more clicks refine.")
             if correction and session.was_propagated(label_id) and self.panel.repropagate_check.isChecked():
@@ -837,12 +842,15 @@ class MedSAMWidget(QWidget):
             self._show_labels()
             self._refresh_objects()
             self._autosave()
+            carved = ""
+            if correction is not None and (correction.prompt or {}).get("carved"):
+                carved = f"Slice {correction.z} corrected: {CARVED_NOTE}. "
             if result is None:  # a correction on an object the session had not propagated: the slice only
-                self._set_status(f"Slice {correction.z} corrected. Propagate with P.")
+                self._set_status(carved or f"Slice {correction.z} corrected. " + "Propagate with P.")
                 return
             zs = result.slices
             why = "; ".join(f"{k}: {v}" for k, v in result.stopped.items())
-            self._set_status(f"Propagated to slices {zs[0]}–{zs[-1]} ({len(zs)} slices). {why}. "
+            self._set_status(f"{carved}Propagated to slices {zs[0]}–{zs[-1]} ({len(zs)} slices). {why}. "
                              f"{self._commit_note(label_id)}Click points on a slice to correct it (S), or paint.")
 
         def finish(cancelled):
