@@ -203,3 +203,23 @@ def test_a_background_click_the_model_ignores_carves_out_the_clicked_region():
     image[TRUTH] = 100
     s.undo()
     assert np.array_equal(s.segment_slice(obj, 10, **click).mask_yx, before)
+
+
+def test_a_correction_lengthens_the_object_by_at_most_its_own_length():
+    """A foreground click on a slice past the object's end walks on from there, but no further
+    from the object than the object is long (an oversized answer below a lesion walked 70 slices
+    through healthy brain)."""
+    from medsam_plugin.engine.propagation import StopRules
+
+    column = np.zeros((20, 40, 48), bool)
+    column[:, 12:28, 16:32] = True  # the model finds "the object" on every slice
+    s = make_session(column)
+    obj = s.add_object("column").label_id
+    s.segment_slice(obj, 10, box_xyxy=bounding_box_xyxy(column[10]))
+    run_to_completion(s.propagate(obj, stop=StopRules(min_iou_with_previous=None, max_distance=2)))
+    assert np.flatnonzero(s.labels.array.any(axis=(1, 2))).tolist() == [8, 9, 10, 11, 12]
+    pred = s.segment_slice(obj, 6, points_yx=np.array([[20.0, 24.0]]), point_labels=np.array([1]),
+                           use_current_mask=True, commit=False)
+    run_to_completion(s.correct(obj, pred))
+    # 5 slices long, so the walk from slice 6 may reach slice 3 and no further.
+    assert np.flatnonzero(s.labels.array.any(axis=(1, 2))).tolist() == list(range(3, 13))

@@ -884,6 +884,16 @@ class SegmentationSession:
                 if stop.z_range is not None:
                     lo, hi = max(lo, stop.z_range[0]), min(hi, stop.z_range[1])
                 stop = dataclasses.replace(stop, z_range=(lo, hi))
+            elif (before := present[present != from_slice]).size:
+                # A correction may lengthen the object by at most as many slices as it spanned
+                # before: a foreground click below a BraTS 2013 enhancing tumour, answered 5x too
+                # big, walked 70 slices through healthy brain (Dice 0.350 -> 0.100).
+                lo, hi = int(before[0]), int(before[-1])
+                reach = hi - lo + 1
+                lo, hi = lo - reach, hi + reach
+                if stop.z_range is not None:
+                    lo, hi = max(lo, stop.z_range[0]), min(hi, stop.z_range[1])
+                stop = dataclasses.replace(stop, z_range=(lo, hi))
             seeds = {from_slice: seeds[from_slice]}
         if marked:
             stop = dataclasses.replace(stop, stop_slices=frozenset(set(stop.stop_slices) | marked))
