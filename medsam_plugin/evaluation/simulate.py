@@ -98,7 +98,7 @@ def largest_error_click(pred_zyx: np.ndarray, truth_zyx: np.ndarray):
     error = pred_zyx != truth_zyx
     if not error.any():
         return None
-    components, count = ndimage.label(error, structure=np.ones((3, 3, 3), dtype=bool))
+    components, _ = ndimage.label(error, structure=np.ones((3, 3, 3), dtype=bool))
     sizes = np.bincount(components.ravel())
     sizes[0] = 0
     largest = components == int(np.argmax(sizes))

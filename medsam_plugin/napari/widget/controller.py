@@ -846,7 +846,7 @@ class MedSAMWidget(QWidget):
             if correction is not None and (correction.prompt or {}).get("carved"):
                 carved = f"Slice {correction.z} corrected: {CARVED_NOTE}. "
             if result is None:  # a correction on an object the session had not propagated: the slice only
-                self._set_status(carved or f"Slice {correction.z} corrected. " + "Propagate with P.")
+                self._set_status((carved or f"Slice {correction.z} corrected. ") + "Propagate with P.")
                 return
             zs = result.slices
             why = "; ".join(f"{k}: {v}" for k, v in result.stopped.items())
