@@ -178,7 +178,16 @@ def main(argv=None) -> int:
     models = [m for m in args.models.split(",") if m]
     modes = [m for m in args.modes.split(",") if m]
     print(f"machine: {cpu_model_name()}; models {', '.join(models)}; clicks {args.clicks}")
-    rows: list[dict] = json.loads(Path(args.merge).read_text())["rows"] if args.merge else []
+    from medsam_plugin.evaluation.simulate import CLICK_RULE
+
+    rows: list[dict] = []
+    if args.merge:
+        merged = json.loads(Path(args.merge).read_text())
+        rows = merged["rows"]
+        if merged.get("click_rule") != CLICK_RULE:
+            print(f"warning: {args.merge} was measured with another corrective-click rule "
+                  f"({merged.get('click_rule') or 'the worst slice, before the rule was named'}); its rounds "
+                  "are not comparable with these (seeds and propagation are).")
     for name in models:
         loaded = load_model(name, device="auto")
         for case in cases:
@@ -197,7 +206,7 @@ def main(argv=None) -> int:
     if args.json:
         from medsam_plugin.io.atomic import atomic_write_json
 
-        atomic_write_json(args.json, {"rows": rows, "targets": checks})
+        atomic_write_json(args.json, {"rows": rows, "targets": checks, "click_rule": CLICK_RULE})
         print(f"wrote {args.json}")
     return 0
 

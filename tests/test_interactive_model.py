@@ -159,6 +159,7 @@ def test_protocols_and_their_json_fields(tmp_path, embedding_cache_dir):
         reports[protocol] = json.loads(out.read_text())
     for protocol, report in reports.items():
         assert report["protocol"] == protocol
+        assert "3D error" in report["click_rule"]  # reports name the click rule they were measured with
         obj = report["objects"][0]
         for key in ("seed_dice", "dice_per_round", "nsd_per_round", "dsc_auc", "nsd_auc", "span"):
             assert key in obj, key

@@ -22,7 +22,7 @@ def evaluate_case(image_path, label_path, choice=None, expert=None, labels: Iter
     """
     from ..engine.choice import ModelChoice
     from ..io import read_labels, read_volume
-    from .simulate import ExpertSettings
+    from .simulate import CLICK_RULE, ExpertSettings
 
     choice = choice or ModelChoice()
     expert = expert or ExpertSettings()
@@ -54,6 +54,7 @@ def evaluate_case(image_path, label_path, choice=None, expert=None, labels: Iter
         "protocol": expert.protocol,
         "axis": choice.axis,
         "clicks": expert.clicks,
+        "click_rule": CLICK_RULE,
         "objects": sorted((s.as_dict() for s in scores), key=lambda o: o["label"]),
         "mean_dice": float(np.mean([s.dice for s in scores])) if scores else float("nan"),
         "mean_nsd": float(np.mean([s.nsd for s in scores])) if scores else float("nan"),

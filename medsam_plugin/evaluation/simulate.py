@@ -32,6 +32,8 @@ from ..engine.propagation import bounding_box_xyxy, interior_point_yx, run_to_co
 from .metrics import dice, normalized_surface_dice
 
 PROTOCOLS = ("box", "click", "box3d")
+# Names the corrective-click rule (`largest_error_click`), so reports measured with another can be told apart.
+CLICK_RULE = "cvpr2025: deepest voxel of the largest 3D error component"
 DEFAULT_PROTOCOL = "box"
 
 log = logging.getLogger(__name__)
