@@ -14,7 +14,9 @@ is inferred from the keys and shapes) or a fine-tuned checkpoint written by
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -460,9 +462,26 @@ def _spec_for_file(family: str, path: Path, sha_known: str | None = None) -> Mod
     )
 
 
+@contextlib.contextmanager
+def _on_meta_device():
+    """torch's meta device, to build a model's structure without memory, with the garbage collector
+    held off meanwhile: a collection inside torch's device mode runs other objects' finalizers
+    under that mode. Once in CI the process died there (a segfault while "Garbage-collecting"
+    during this build, in test_interactive_model's model load); the build itself takes well under
+    a second, so nothing waits long for a collection."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _build_and_load(family: str, state: Mapping[str, torch.Tensor], path: Path, label: str) -> SamModel:
     """Build ``family`` without random initialisation (on the meta device) and load ``state`` strictly."""
-    with torch.device("meta"):
+    with _on_meta_device():
         model = build_model(family)
     _check_state_dict(model, state, path, label)
     state = {k: (v.float() if v.is_floating_point() and v.dtype != torch.float32 else v) for k, v in state.items()}
@@ -493,7 +512,7 @@ def _build_registered(spec: ModelSpec, weights: Path) -> SamModel:
     if spec.base != spec.name:
         ckpt = validate_checkpoint(obj, weights)
         base_spec = REGISTRY[spec.base]
-        with torch.device("meta"):
+        with _on_meta_device():
             template = build_model(base_spec.family)
         _check_state_dict(template, ckpt["state_dict"], weights, f"'{spec.name}'", partial=True)
         del template
@@ -531,7 +550,7 @@ def _load_finetuned(obj: Any, path: Path, checkpoint: str | os.PathLike | None) 
         )
     base_spec = REGISTRY[base]
     state = ckpt["state_dict"]
-    with torch.device("meta"):
+    with _on_meta_device():
         template = build_model(base_spec.family)
     label = f"'{base}' ({_FAMILY_TEXT[base_spec.family]}) fine-tuned"
     full = all(k in state for k in template.state_dict())
