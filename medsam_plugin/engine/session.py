@@ -57,6 +57,11 @@ CARVE_SPREAD = 0.5
 CARVE_MAX_SHARE = 0.5
 
 
+def _clicks_honoured(mask_yx: np.ndarray, rows, cols, labels) -> int:
+    """How many clicks (at pixel rows/cols, label 1 inside, 0 outside) a mask agrees with."""
+    return int((mask_yx[rows, cols] == (np.asarray(labels) == 1)).sum())
+
+
 def mask_logits_256(mask: np.ndarray) -> np.ndarray:
     """A mask as low-res logits in the decoder's 256 x 256 frame (longest side scaled to 256, padded
     bottom/right), +8 inside and -8 outside, so mask-prompted modes can use a mask nobody predicted."""
@@ -635,7 +640,7 @@ class SegmentationSession:
         for pts, lbs, box, lg in asks:
             answer = self.predictor.predict(z, points_yx=pts, point_labels=lbs, box_xyxy=box, mask_logits_256=lg,
                                             multimask=False)
-            honoured = int((answer.mask_yx[rows, cols] == (labels == 1)).sum())
+            honoured = _clicks_honoured(answer.mask_yx, rows, cols, labels)
             key = (-honoured, int((answer.mask_yx ^ previous.mask_yx).sum()))
             if best_key is None or key < best_key:
                 best, best_key = answer, key
@@ -671,8 +676,7 @@ class SegmentationSession:
         if region.sum() >= CARVE_MAX_SHARE * mask.sum():
             return None
         carved = mask & ~region
-        wanted = labels == 1
-        if (carved[rows, cols] == wanted).sum() <= (mask[rows, cols] == wanted).sum():
+        if _clicks_honoured(carved, rows, cols, labels) <= _clicks_honoured(mask, rows, cols, labels):
             return None
         # The logits say "outside" over the region, so the next correction starts from the carve.
         logits = np.minimum(answer.logits_256, -mask_logits_256(region)).astype(np.float32)
@@ -877,23 +881,22 @@ class SegmentationSession:
             stop = dataclasses.replace(stop, agree_with=current)
             labels = (seeds[from_slice].prompt or {}).get("point_labels")
             present = np.flatnonzero(current.any(axis=(1, 2)))
+            before = present[present != from_slice]
+            limit = None
             if labels is not None and len(labels) and int(np.asarray(labels).ravel()[-1]) == 0 and present.size:
                 # A background click says "less here": its re-propagation may reshape the object's
                 # slices but not make it longer (one on BraTS 2021 walked 24 slices past the lesion).
-                lo, hi = int(present[0]), int(present[-1])
-                if stop.z_range is not None:
-                    lo, hi = max(lo, stop.z_range[0]), min(hi, stop.z_range[1])
-                stop = dataclasses.replace(stop, z_range=(lo, hi))
-            elif (before := present[present != from_slice]).size:
+                limit = int(present[0]), int(present[-1])
+            elif before.size:
                 # A correction may lengthen the object by at most as many slices as it spanned
                 # before: a foreground click below a BraTS 2013 enhancing tumour, answered 5x too
                 # big, walked 70 slices through healthy brain (Dice 0.350 -> 0.100).
-                lo, hi = int(before[0]), int(before[-1])
-                reach = hi - lo + 1
-                lo, hi = lo - reach, hi + reach
+                reach = int(before[-1]) - int(before[0]) + 1
+                limit = int(before[0]) - reach, int(before[-1]) + reach
+            if limit is not None:
                 if stop.z_range is not None:
-                    lo, hi = max(lo, stop.z_range[0]), min(hi, stop.z_range[1])
-                stop = dataclasses.replace(stop, z_range=(lo, hi))
+                    limit = max(limit[0], stop.z_range[0]), min(limit[1], stop.z_range[1])
+                stop = dataclasses.replace(stop, z_range=limit)
             seeds = {from_slice: seeds[from_slice]}
         if marked:
             stop = dataclasses.replace(stop, stop_slices=frozenset(set(stop.stop_slices) | marked))
