@@ -269,3 +269,52 @@ def test_the_slice_bank_takes_painted_lesions_when_asked(tiny_datalist, tmp_path
     present, _, _ = bank_samples(banks[3], 16)
     assert sum(v == LESION_ID for _, v in present) == 3
     assert not any(v == LESION_ID for _, v in bank_samples(banks[0], 16)[0])
+
+
+# ---------------------------------------------------------------------------------- chain episodes
+@pytest.fixture(scope="module")
+def chain_datalist(tmp_path_factory):
+    """Five consecutive spleen slices, the bank keeping them all so chain episodes can walk them."""
+    import nibabel as nib
+
+    root = tmp_path_factory.mktemp("interactive_chain")
+    case = "ct_spleen_msd_spleen2_crop"
+    image = nib.load(SAMPLE / case / "image.nii.gz")
+    label = nib.load(SAMPLE / case / "label.nii.gz")
+    (root / case).mkdir()
+    nib.save(image.slicer[:, :, 1:6], root / case / "image.nii.gz")  # the spleen starts on slice 3
+    lab = label.slicer[:, :, 1:6]
+    nib.save(nib.Nifti1Image(np.asarray(lab.dataobj).astype(np.uint8), lab.affine), root / case / "label.nii.gz")
+    item = {"image": f"{case}/image.nii.gz", "label": f"{case}/label.nii.gz", "modality": "CT",
+            "bank": {"all_slices": True, "variants": 0, "ct_windows": ["abdomen"], "views": ["axial"]}}
+    datalist = root / "dataset.json"
+    datalist.write_text(json.dumps({"labels": {"0": "background", "1": "spleen"}, "training": [item]}))
+    return datalist
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_chain_episodes_walk_consecutive_slices_on_the_models_own_answers(chain_datalist, tmp_path,
+                                                                          embedding_cache_dir):
+    cfg = InteractiveConfig(datalist=str(chain_datalist), out=str(tmp_path / "m.pth"), variants=3,
+                            steps=4, batch_size=3, max_rounds=1, lr=3e-4, warmup_steps=1, val_every=100,
+                            device="cpu", cache_dir=str(embedding_cache_dir), progress=False, seed=0,
+                            chain_share=1.0, chain_length=3)
+    trainer = InteractiveTrainer(cfg, log_fn=lambda msg: None)
+    trainer.setup()
+    # Per-case bank settings win: one copy (no variants), axial only, every slice holding or ending the spleen.
+    assert {s.view for s in trainer.bank} == {"axial"} and len({s.copy for s in trainer.bank}) == 1
+    zs = sorted(s.z for s in trainer.bank)
+    assert zs == list(range(zs[0], zs[-1] + 1)) and not (trainer.bank[zs.index(zs[0])].label == 1).any()
+    assert len(trainer.chain_idx) > 0
+    rng = np.random.default_rng(1)
+    pairs = [trainer.present[int(trainer.chain_idx[k])] for k in range(3)]
+    with torch.no_grad():
+        losses, dices = trainer.run_chain(trainer.bank, trainer.links, pairs, rng, False, 3)
+    assert 2 <= len(losses) <= 5  # the seed, up to 3 walked slices, a correction
+    assert all(torch.isfinite(v) for v in losses) and all(0.0 <= d <= 1.0 for d in dices)
+    before = trainer._trainable_state()
+    info = trainer.train_step(0)
+    assert info["start"] == "chain"
+    after = trainer._trainable_state()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the walk's losses reach the weights

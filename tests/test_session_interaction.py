@@ -223,3 +223,44 @@ def test_a_correction_lengthens_the_object_by_at_most_its_own_length():
     run_to_completion(s.correct(obj, pred))
     # 5 slices long, so the walk from slice 6 may reach slice 3 and no further.
     assert np.flatnonzero(s.labels.array.any(axis=(1, 2))).tolist() == list(range(3, 13))
+
+
+def test_a_click_past_the_walks_end_is_answered_as_the_walk_would_have_asked():
+    """A foreground click on a slice the walk never reached: the clicks alone leak (a model that
+    never saw the object's size there answers a large region); the session also asks with the
+    nearest result's propagation box and logits and keeps the answer nearest that result's size.
+    Before, the leak was kept (3254 px for a 969 px tumour) and carried on by the re-propagation."""
+    from types import SimpleNamespace
+
+    from medsam_plugin.engine.predictor import SlicePrediction
+    from medsam_plugin.engine.propagation import StopRules
+
+    class Leaky(FakePredictor):
+        """Without a box, clicks flood the whole slice unless a dense prompt says the object is
+        smaller (its own flood fed back stays a flood, as a leak refined does)."""
+
+        spec = SimpleNamespace(reads_points=True, reads_masks=True, click_refine_passes=1)
+
+        def predict(self, z, points_yx=None, point_labels=None, box_xyxy=None, mask_logits_256=None, multimask=False):
+            out = super().predict(z, points_yx, point_labels, box_xyxy, mask_logits_256, multimask)
+            sized = mask_logits_256 is not None and (np.asarray(mask_logits_256) > 0).mean() < 0.5
+            if points_yx is not None and box_xyxy is None and not sized:
+                flood = np.ones_like(out.mask_yx)
+                return SlicePrediction(z=out.z, mask_yx=flood, logits_256=np.full((256, 256), 5.0, np.float32),
+                                       iou=0.9, prompt=out.prompt)
+            return out
+
+    s = make_session(TRUTH.copy())
+    s._predictor = Leaky(TRUTH.copy())
+    obj = s.add_object("blob").label_id
+    s.segment_slice(obj, 10, box_xyxy=bounding_box_xyxy(TRUTH[10]))
+    run_to_completion(s.propagate(obj, stop=StopRules(min_iou_with_previous=None, max_distance=2)))
+    assert np.flatnonzero(s.labels.array.any(axis=(1, 2))).tolist() == [8, 9, 10, 11, 12]
+    pred = s.segment_slice(obj, 14, points_yx=np.array([[20.0, 24.0]]), point_labels=np.array([1]),
+                           use_current_mask=True, commit=False)
+    assert pred.mask_yx[20, 24]  # the click is honoured
+    assert pred.mask_yx.sum() < 2 * TRUTH[12].sum()  # no flood: the object's size, not the slice's
+    assert np.array_equal(pred.mask_yx, TRUTH[14] & pred.mask_yx)
+    assert pred.prompt["box_xyxy"] is None and pred.prompt["point_labels"].tolist() == [1]
+    result = run_to_completion(s.correct(obj, pred))
+    assert result is not None and (s.labels.array == obj).sum() <= TRUTH.sum()

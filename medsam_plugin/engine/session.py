@@ -601,8 +601,19 @@ class SegmentationSession:
         refine = 0
         if n_points and box_xyxy is None and mask_logits is None and not multimask:
             refine = int(getattr(spec, "click_refine_passes", 0) or 0)
+        # A foreground click on a slice the object's walk never reached (past where it stopped):
+        # the clicks alone say nothing of the object's size there, and answered alone they leaked
+        # (3254 px for a 969 px tumour) and the re-propagation carried the leak on.
+        beyond = None
+        if use_current_mask and previous is None and n_points and reads_points and not multimask \
+                and getattr(spec, "reads_masks", False) and box_xyxy is None \
+                and np.any(np.asarray(point_labels).reshape(-1) == 1):
+            beyond = self._nearest_result(label_id, z)
         with self._lock:
-            if mask_logits is not None and n_points and reads_points and not multimask:
+            if beyond is not None:
+                pred = self._answer_beyond_walk(z, points_yx, point_labels, beyond, refine)
+                refine = 0
+            elif mask_logits is not None and n_points and reads_points and not multimask:
                 pred = self._answer_correction(z, points_yx, point_labels, box_xyxy, previous)
             else:
                 pred = self.predictor.predict(z, points_yx=points_yx, point_labels=point_labels, box_xyxy=box_xyxy,
@@ -650,6 +661,47 @@ class SegmentationSession:
         # The slice remembers the user's prompt (all clicks, its box), which the next correction builds on.
         return dataclasses.replace(best, prompt={**best.prompt, "points_yx": points, "point_labels": labels,
                                                  "box_xyxy": box_xyxy, "mask": True})
+
+    def _nearest_result(self, label_id: int, z: int) -> SlicePrediction | None:
+        """The object's result (a seed or a propagated slice) with a mask on the slice nearest z."""
+        held = {**self._propagated.get(label_id, {}), **self.seeds.get(label_id, {})}
+        near = sorted((abs(zz - z), zz) for zz, p in held.items() if zz != z and p.mask_yx.any())
+        return held[near[0][1]] if near else None
+
+    def _answer_beyond_walk(self, z: int, points_yx, point_labels, nearest: SlicePrediction,
+                            refine_passes: int) -> SlicePrediction:
+        """The answer to clicks on a slice the walk never reached: the model is asked as the walk
+        would have asked it (the nearest result's box widened as propagation widens it, and its
+        logits) with the clicks, the same without the box, and with the clicks alone (refined as a
+        click seed is); the answer that honours the most clicks, then whose area is nearest the
+        nearest result's, is kept: an object seldom grows several-fold from one slice to the next."""
+        from .propagation import prompt_from_previous
+
+        points = np.asarray(points_yx, dtype=np.float64).reshape(-1, 2)
+        labels = np.asarray(point_labels).reshape(-1)
+        walk = prompt_from_previous(nearest, "box+mask", nearest.mask_yx.shape)
+        answers = [self.predictor.predict(z, points_yx=points, point_labels=labels, box_xyxy=walk["box_xyxy"],
+                                          mask_logits_256=walk["mask_logits_256"], multimask=False),
+                   self.predictor.predict(z, points_yx=points, point_labels=labels,
+                                          mask_logits_256=walk["mask_logits_256"], multimask=False)]
+        alone = self.predictor.predict(z, points_yx=points, point_labels=labels, multimask=False)
+        for _ in range(refine_passes):
+            alone = self.predictor.predict(z, points_yx=points, point_labels=labels, mask_logits_256=alone.logits_256,
+                                           multimask=False)
+        answers.append(alone)
+        h, w = nearest.mask_yx.shape
+        rows = np.clip(np.rint(points[:, 0]).astype(int), 0, h - 1)
+        cols = np.clip(np.rint(points[:, 1]).astype(int), 0, w - 1)
+        area = float(nearest.mask_yx.sum())
+
+        def key(answer: SlicePrediction):
+            return (-_clicks_honoured(answer.mask_yx, rows, cols, labels),
+                    abs(np.log((float(answer.mask_yx.sum()) + 1.0) / (area + 1.0))))
+
+        best = min(answers, key=key)
+        # What the slice remembers is the user's prompt: the clicks (a correction builds on it).
+        return dataclasses.replace(best, prompt={**best.prompt, "points_yx": points, "point_labels": labels,
+                                                 "box_xyxy": None, "mask": True})
 
     def _carve_background_click(self, z: int, answer: SlicePrediction, rows, cols, labels) -> SlicePrediction | None:
         """The answer with the newest background click's region taken out, where no way of asking

@@ -86,6 +86,12 @@ def add_finetune_parser(sub) -> None:
     g.add_argument("--prompt-encoder-lr-scale", type=float, default=10.0,
                    help="learning-rate factor of the prompt encoder (its point embeddings move slowly at the decoder's rate)")
     g.add_argument("--distill-weight", type=float, default=0.5, help="weight of the stock model's box answers")
+    g.add_argument("--chain-share", type=float, default=0.0,
+                   help="share of steps that walk slices on the model's own answers (box+mask propagation)")
+    g.add_argument("--chain-length", type=int, default=4, help="slices a chain episode walks at most")
+    g.add_argument("--teacher-model", default=None,
+                   help="model whose box answers are distilled (default: the model trained from)")
+    g.add_argument("--ct-windows", default=None, help="CT windows of the slice bank (default abdomen,lung,bone,brain)")
     g.add_argument("--validation-datalist", default=None, help="a datalist whose 'validation' cases validate")
     g.add_argument("--bf16", default="auto", choices=("auto", "on", "off"),
                    help="bfloat16 autocast of the decoder on CPU; auto: on where the CPU has AMX or AVX512-BF16")
@@ -129,6 +135,8 @@ def interactive_config_from_args(args):
         iou_weight=args.iou_weight, val_every=args.val_every, validation_datalist=args.validation_datalist,
         max_minutes=args.max_minutes, resume=args.resume, seed=args.seed, device=args.device, bf16=bf16,
         threads=args.threads, cache_dir=args.cache_dir, progress=True,
+        chain_share=args.chain_share, chain_length=args.chain_length, teacher_model=args.teacher_model,
+        **({"ct_windows": tuple(w.strip() for w in args.ct_windows.split(",") if w.strip())} if args.ct_windows else {}),
     )
 
 

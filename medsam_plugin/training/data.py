@@ -119,6 +119,8 @@ def load_datalist(datalist: str | os.PathLike, data_root: str | os.PathLike | No
             "modality": str(modality) if modality else "auto",
             "labels_allowed": None if labels is None else sorted(labels),
             "objects": chosen,
+            # per-case slice-bank settings of interactive training (training/interactive.py: build_bank)
+            "bank": dict(item["bank"]) if isinstance(item.get("bank"), dict) else {},
         })
     names = [c["case"] for c in cases]
     if len(set(names)) != len(names):  # make names unique so messages stay unambiguous

@@ -92,6 +92,9 @@ class InteractiveConfig:
     distill_weight: float = 0.5
     iou_weight: float = 1.0
     starts: dict[str, float] = field(default_factory=lambda: dict(STARTS))
+    chain_share: float = 0.0          # share of steps that walk slices on the model's own answers (run_chain)
+    chain_length: int = 4             # slices a chain walks past its seed at most
+    teacher_model: str | None = None  # whose box answers are distilled (default: the model trained from)
     val_every: int = 100
     validation_datalist: str | None = None   # default: the datalist's own "validation" list
     val_slices_per_object: int = 3
@@ -124,6 +127,8 @@ class BankSlice:
     neighbours: tuple[np.ndarray, np.ndarray]
     case: str
     view: str
+    copy: int = -1   # which (case, view, window, augmentation) copy the slice belongs to
+    z: int = -1      # its slice index in that copy: chain episodes walk copy-mates z -> z +/- 1
 
 
 def _objects_in(label_256: np.ndarray, min_area: int) -> dict[int, int]:
@@ -141,11 +146,17 @@ def build_bank(cases: Sequence[dict], loaded, cfg: InteractiveConfig, rng: np.ra
     encode, key = slice_encoder(loaded)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    plan: list[tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray], str, str]] = []
+    plan: list[tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray], str, str, int, int]] = []
+    n_copies = 0
     for case in cases:
         modality = str(case.get("modality", "auto")).upper()
-        windows = list(cfg.ct_windows) if modality == "CT" else [None]
-        for view in cfg.views:
+        # A datalist entry may set its own bank: "all_slices" keeps every slice holding or ending an
+        # object (a lesion walk needs its consecutive slices), "variants" and "ct_windows" its copies.
+        own = case.get("bank") or {}
+        all_slices = bool(own.get("all_slices", False))
+        n_variants = int(own.get("variants", cfg.variants))
+        windows = list(own.get("ct_windows", cfg.ct_windows)) if modality == "CT" else [None]
+        for view in [v for v in cfg.views if v in own.get("views", cfg.views)]:
             for window in windows:
                 with data_errors():
                     item = case_transforms(view, window, 1, None)(dict(case))
@@ -155,10 +166,11 @@ def build_bank(cases: Sequence[dict], loaded, cfg: InteractiveConfig, rng: np.ra
                     break  # a thick-slice scan cut across its slices: a smear, not an image users see
                 copies = [SliceAugment.identity()]
                 if augment:
-                    copies += [SliceAugment.random(rng, modality) for _ in range(cfg.variants)]
+                    copies += [SliceAugment.random(rng, modality) for _ in range(n_variants)]
                 if window not in (None, "abdomen") and augment:
                     copies = copies[: max(1, len(copies) // 2)]  # other windows: fewer copies
                 for aug in copies:
+                    n_copies += 1
                     rows = []
                     for z in range(n):
                         lab = label_to_lowres(aug.apply_label(label[z]))
@@ -168,15 +180,17 @@ def build_bank(cases: Sequence[dict], loaded, cfg: InteractiveConfig, rng: np.ra
                         if objs or ends:
                             rows.append((len(objs) + 0.5 * len(ends) + rng.uniform(0, 0.1), z, lab))
                     rows.sort(key=lambda row: row[:2], reverse=True)
-                    for _, z, lab in rows[: cfg.slices_per_variant]:
+                    if all_slices and own.get("band"):
+                        rows = _band_rows(rows, label, int(own["band"]))
+                    for _, z, lab in (rows if all_slices else rows[: cfg.slices_per_variant]):
                         img = aug.apply_image(image[z])
                         nb = tuple(label_to_lowres(aug.apply_label(label[zz])) if 0 <= zz < n
                                    else np.zeros((LOWRES, LOWRES), np.uint16) for zz in (z - 1, z + 1))
-                        plan.append((img, lab, nb, str(case["case"]), view))
+                        plan.append((img, lab, nb, str(case["case"]), view, n_copies, int(z)))
                 if augment and cfg.synthetic_slices:
                     from .synthetic import lesion_slices
 
-                    plan += [(img, lab, nb, str(case["case"]) + " (synthetic lesion)", view) for img, lab, nb in
+                    plan += [(img, lab, nb, str(case["case"]) + " (synthetic lesion)", view, -1, -1) for img, lab, nb in
                              lesion_slices(image, label, cfg.synthetic_slices, rng, modality, cfg.min_area)]
     say(f"slice bank: {len(plan)} slices from {len(cases)} case(s) (views {', '.join(cfg.views)})")
     bar = None
@@ -188,7 +202,26 @@ def build_bank(cases: Sequence[dict], loaded, cfg: InteractiveConfig, rng: np.ra
                                    progress=(lambda k, total: bar.update(k)) if bar is not None else None)
     if bar is not None:
         bar.close()
-    return [BankSlice(e, lab, nb, c, v) for e, (_, lab, nb, c, v) in zip(embeddings, plan)]
+    return [BankSlice(e, lab, nb, c, v, k, z) for e, (_, lab, nb, c, v, k, z) in zip(embeddings, plan)]
+
+
+def _band_rows(rows: list, label_zyx: np.ndarray, band: int) -> list:
+    """The rows of three runs of consecutive slices: `band` slices inward from each end of the
+    labelled extent (with the slice past it, where a walk must stop) and `band` round the largest
+    slice (where a user prompts). Chains walk these; the rest of a long lesion adds little."""
+    areas = (label_zyx != 0).reshape(label_zyx.shape[0], -1).sum(axis=1)
+    present = np.flatnonzero(areas)
+    if present.size == 0:
+        return rows
+    lo, hi, mid = int(present[0]), int(present[-1]), int(np.argmax(areas))
+    keep = set(range(lo - 1, lo + band)) | set(range(hi - band + 1, hi + 2)) | \
+        set(range(mid - band // 2, mid + band - band // 2))
+    return [row for row in rows if row[1] in keep]
+
+
+def bank_links(bank: Sequence[BankSlice]) -> dict[tuple[int, int], int]:
+    """(copy, z) -> bank index of every slice that belongs to a copy (chain episodes step through it)."""
+    return {(s.copy, s.z): i for i, s in enumerate(bank) if s.copy >= 0}
 
 
 def bank_samples(bank: Sequence[BankSlice], min_area: int
@@ -368,7 +401,12 @@ class InteractiveTrainer:
         self.loaded = load_model(cfg.base_model, device=self.device)
         self.base_name = self.loaded.spec.base or self.loaded.spec.name
         sam = self.loaded.sam
-        self.teacher = copy.deepcopy(sam).eval() if cfg.distill_weight > 0 else None
+        if cfg.distill_weight <= 0:
+            self.teacher = None
+        elif cfg.teacher_model:
+            self.teacher = load_model(cfg.teacher_model, device=self.device).sam.eval()
+        else:
+            self.teacher = copy.deepcopy(sam).eval()
         for p in sam.parameters():
             p.requires_grad_(False)
         params = [p for part in (sam.prompt_encoder, sam.mask_decoder) for p in part.parameters()]
@@ -397,6 +435,12 @@ class InteractiveTrainer:
             w = np.where(painted, w * cfg.synthetic_share / w[painted].sum(),
                          w * (1 - cfg.synthetic_share) / w[~painted].sum())
         self.present_p = w / w.sum()
+        # Chains start on slices whose copy-mates above or below were encoded too.
+        self.links = bank_links(self.bank)
+        chainable = np.array([any((self.bank[i].copy, self.bank[i].z + d) in self.links for d in (-1, 1))
+                              for i, _ in self.present], bool) if self.present else np.zeros(0, bool)
+        self.chain_idx = np.flatnonzero(chainable)
+        self.chain_p = w[chainable] / w[chainable].sum() if chainable.any() else None
         self.val_bank = []
         if val_cases:
             vcfg = copy.copy(cfg)
@@ -476,6 +520,98 @@ class InteractiveTrainer:
             dense = chosen[:, None]  # the round's own low-res logits: what the engine feeds back
         return losses, dices
 
+    def run_chain(self, bank, links, pairs, rng: np.random.Generator, train: bool, length: int):
+        """A propagation walk on the model's own answers, as the engine walks (`prompt_from_previous`
+        in box+mask mode: the previous answer's box widened by 3 px and its low-res logits), from a
+        box or one-click seed, `length` slices up or down at most (past the object's end where that
+        slice was encoded: the target is empty there), then one corrective click where the
+        challenge's rule puts it (deepest voxel of the largest 3D error over the walked slices),
+        answered with that slice's own logits. Loss on every slice and on the correction; a slice's
+        answer reaches the next one detached, as at inference. Returns (losses, [seed Dice, walk
+        Dice, Dice after the click])."""
+        from ..evaluation.simulate import largest_error_click
+
+        sam, cfg = self.loaded.sam, self.cfg
+        seed = "box" if rng.uniform() < 0.5 else "click"
+        b = len(pairs)
+        objs = [obj for _, obj in pairs]
+        cur = [i for i, _ in pairs]
+        step_dir = []
+        for i in cur:
+            d = int(rng.choice([-1, 1]))
+            if (bank[i].copy, bank[i].z + d) not in links:
+                d = -d
+            step_dir.append(d)
+        ep = make_episode(bank, pairs, seed, rng)
+        pts = episode_points(ep)
+        if pts is not None:
+            pts = (pts[0].to(self.device), pts[1].to(self.device))
+        boxes = None if ep.boxes is None else ep.boxes.to(self.device)
+        losses, walked = [], [[] for _ in range(b)]  # walked[k]: (bank index, logits (256,256)) per slice
+
+        def step(idx: list[int], members: list[int], boxes_t, dense_t, points):
+            emb = self._embeddings(bank, [(i, 0) for i in idx])
+            target = torch.as_tensor(np.stack([bank[i].label == objs[k] for i, k in zip(idx, members)])[:, None]
+                                     .astype(np.float32)).to(self.device)
+            with torch.set_grad_enabled(train):
+                logits, iou_pred = decode(sam, emb, points, boxes_t, dense_t, False, cfg.bf16)
+                loss = self.seg_loss(logits, target)[:, 0].mean() + cfg.iou_weight * F.mse_loss(
+                    iou_pred, _iou(logits.detach() > 0, target))
+            losses.append(loss * len(members) / b)
+            return logits[:, 0].detach()
+
+        out = step(cur, list(range(b)), boxes, None, pts)
+        for k in range(b):
+            walked[k].append((cur[k], out[k]))
+        prev = out
+        members = list(range(b))
+        for _ in range(length):
+            nxt, keep = [], []
+            for row, k in enumerate(members):
+                j = links.get((bank[cur[k]].copy, bank[cur[k]].z + step_dir[k]))
+                if j is not None and bool((prev[row] > 0).any()):  # the engine stops on an empty answer
+                    nxt.append(j)
+                    keep.append((row, k))
+            if not keep:
+                break
+            rows = [r for r, _ in keep]
+            members = [k for _, k in keep]
+            masks = (prev[rows] > 0).cpu().numpy()
+            boxes_t = torch.as_tensor(np.stack([propagation_box(m) for m in masks])).to(self.device)
+            prev = step(nxt, members, boxes_t, prev[rows][:, None], None)
+            for row, k in enumerate(members):
+                cur[k] = nxt[row]
+                walked[k].append((nxt[row], prev[row]))
+        # Dice over the walk, then one click from the 3D error of each walk.
+        preds = [np.stack([(lg > 0).cpu().numpy() for _, lg in w]) for w in walked]
+        truths = [np.stack([bank[i].label == objs[k] for i, _ in walked[k]]) for k in range(b)]
+        dice_walk = float(np.mean([dice_np(p, t) for p, t in zip(preds, truths)]))
+        dice_seed = float(np.mean([dice_np(p[0], t[0]) for p, t in zip(preds, truths)]))
+        fix_idx, fix_members, fix_logits, fix_clicks, fix_labels = [], [], [], [], []
+        for k in range(b):
+            click = largest_error_click(preds[k], truths[k])
+            if click is None:
+                continue
+            z, yx, lab = click
+            fix_idx.append(walked[k][z][0])
+            fix_members.append(k)
+            fix_logits.append(walked[k][z][1])
+            fix_clicks.append(np.array([[yx[1], yx[0]]], np.float32))
+            fix_labels.append(np.array([lab], np.int64))
+        dice_fixed = dice_walk
+        if fix_idx:
+            from ..model.sam import SamModel
+
+            points = SamModel.pad_points(torch.as_tensor(np.stack(fix_clicks)), torch.as_tensor(np.stack(fix_labels)),
+                                         has_box=False)
+            points = (points[0].to(self.device), points[1].to(self.device))
+            fixed = step(fix_idx, fix_members, None, torch.stack(fix_logits)[:, None], points)
+            for row, k in enumerate(fix_members):
+                z = [i for i, _ in walked[k]].index(fix_idx[row])
+                preds[k][z] = (fixed[row] > 0).cpu().numpy()
+            dice_fixed = float(np.mean([dice_np(p, t) for p, t in zip(preds, truths)]))
+        return losses, [dice_seed, dice_walk, dice_fixed]
+
     def seg_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """MONAI Dice + BCE per mask: (B, M, H, W) logits, (B, 1, H, W) target -> (B, M). An empty
         target is scored by BCE alone (Dice of nothing against nothing says nothing)."""
@@ -496,6 +632,21 @@ class InteractiveTrainer:
     def train_step(self, step: int) -> dict:
         cfg = self.cfg
         rng = np.random.default_rng(cfg.seed * 1_000_003 + step)  # a resumed run draws the same steps
+        for g in self.optimizer.param_groups:
+            g["lr"] = self._lr(step) * g.get("lr_scale", 1.0)
+        if self.chain_p is not None and rng.uniform() < cfg.chain_share:
+            picks = rng.choice(len(self.chain_idx), cfg.batch_size, p=self.chain_p)
+            pairs = [self.present[int(self.chain_idx[k])] for k in picks]
+            length = int(rng.integers(1, cfg.chain_length + 1))
+            self.loaded.sam.train()
+            self.optimizer.zero_grad(set_to_none=True)
+            losses, dices = self.run_chain(self.bank, self.links, pairs, rng, True, length)
+            total = torch.stack(losses).sum() / len(losses)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.optimizer.step()
+            return {"loss": float(total.detach()), "start": "chain", "rounds": length,
+                    "dice_first": dices[0], "dice_last": dices[-1]}
         names = list(cfg.starts)
         weights = np.array([cfg.starts[n] for n in names], np.float64)
         start = names[int(rng.choice(len(names), p=weights / weights.sum()))]
@@ -537,6 +688,17 @@ class InteractiveTrainer:
             out[start] = sum(d * c for d, c in firsts) / n
             if rounds:
                 out[f"{start}+{rounds}clicks"] = sum(d * c for d, c in lasts) / n
+        links = bank_links(self.val_bank)
+        chain_pairs = [(i, v) for i, v in self.val_pairs
+                       if any((self.val_bank[i].copy, self.val_bank[i].z + d) in links for d in (-1, 1))]
+        if chain_pairs and self.cfg.chain_share > 0:
+            rng = np.random.default_rng(778)
+            walks, fixes, n = 0.0, 0.0, 0
+            for k in range(0, len(chain_pairs), 16):
+                chunk = chain_pairs[k:k + 16]
+                _, dices = self.run_chain(self.val_bank, links, chunk, rng, False, self.cfg.chain_length)
+                walks, fixes, n = walks + dices[1] * len(chunk), fixes + dices[2] * len(chunk), n + len(chunk)
+            out["chain"], out["chain+click"] = walks / n, fixes / n
         out["score"] = float(np.mean(list(out.values())))
         return out
 
