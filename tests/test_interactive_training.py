@@ -305,7 +305,9 @@ def test_chain_episodes_walk_consecutive_slices_on_the_models_own_answers(chain_
     # Per-case bank settings win: one copy (no variants), axial only, every slice holding or ending the spleen.
     assert {s.view for s in trainer.bank} == {"axial"} and len({s.copy for s in trainer.bank}) == 1
     zs = sorted(s.z for s in trainer.bank)
-    assert zs == list(range(zs[0], zs[-1] + 1)) and not (trainer.bank[zs.index(zs[0])].label == 1).any()
+    assert zs == list(range(zs[0], zs[-1] + 1))
+    first = next(s for s in trainer.bank if s.z == zs[0])
+    assert not (first.label == 1).any() and (first.neighbours[1] == 1).any()  # the slice past the end is there
     assert len(trainer.chain_idx) > 0
     rng = np.random.default_rng(1)
     pairs = [trainer.present[int(trainer.chain_idx[k])] for k in range(3)]
