@@ -58,7 +58,25 @@ MAX_LOSS = 0.02
 
 
 # ------------------------------------------------------------------------------------ recording
-def record(model: str, cases: list[str], cache_dir: str, mode: str | None = None) -> list[dict]:
+def lesion_cases() -> dict[str, dict]:
+    """The lesion validation cases (benchmarks/lesions.py: the sarcoma validation patients and the
+    stroke case): case id -> {image, label, group (the patient: leave-one-out leaves a patient out,
+    since a patient's CT and MR show one tumour)}."""
+    from lesions import case_sets
+
+    out = {}
+    for c in case_sets(["sarcoma", "stroke"]):
+        patient = c["case"].rsplit("_", 1)[0]
+        out[c["case"]] = {"image": c["image"], "label": c["label"], "labels": [1], "group": patient}
+    return out
+
+
+def shared_cases(cases: list[str]) -> dict[str, dict]:
+    return {c: {"image": SHARED / c / "image.nii.gz", "label": SHARED / c / "label.nii.gz",
+                "labels": DEFAULT_LABELS[c], "group": c} for c in cases}
+
+
+def record(model: str, cases: dict[str, dict], cache_dir: str, mode: str | None = None) -> list[dict]:
     """Walk every object with no stop rule; one dict per object (see the module docstring)."""
     import torch
 
@@ -70,10 +88,10 @@ def record(model: str, cases: list[str], cache_dir: str, mode: str | None = None
     torch.set_num_threads(1)
     loaded = load_model(model)
     objects = []
-    for case in cases:
-        volume = read_volume(SHARED / case / "image.nii.gz")
-        truth_ijk = read_labels(SHARED / case / "label.nii.gz", volume)
-        for label in DEFAULT_LABELS[case]:
+    for case, where in cases.items():
+        volume = read_volume(where["image"])
+        truth_ijk = read_labels(where["label"], volume)
+        for label in where["labels"]:
             start = time.perf_counter()
             session = SegmentationSession(volume, loaded_model=loaded, cache_dir=cache_dir)
             if mode is not None:
@@ -98,7 +116,7 @@ def record(model: str, cases: list[str], cache_dir: str, mode: str | None = None
                     "area": [int(result.predictions[z].mask_yx.sum()) for z in zs],
                     "truth_area": [int(areas[z]) for z in zs],
                 }
-            objects.append({"case": case, "label": int(label), "mode": session.mode, "seed_z": z0, "n_slices": int(truth.shape[0]),
+            objects.append({"case": case, "group": where["group"], "label": int(label), "mode": session.mode, "seed_z": z0, "n_slices": int(truth.shape[0]),
                             "seed_inter": int((seed.mask_yx & truth[z0]).sum()), "seed_area": int(seed.mask_yx.sum()),
                             "truth_total": int(areas.sum()), "truth_areas": [int(a) for a in areas],
                             "walks": walks, "stopped": dict(result.stopped)})
@@ -273,13 +291,20 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "medsam_plugin_bench_cache"))
     parser.add_argument("--record", default=None, help="pickle of the recorded walks: read if present, else written")
     parser.add_argument("--json", default=None, help="write the per-object figures here")
+    parser.add_argument("--lesions", action="store_true",
+                        help="the lesion validation patients and the stroke case (benchmarks/lesions.py) beside "
+                             "the shared cases; leave-one-patient-out")
     parser.add_argument("--gap-check", action="store_true", help="also run the three-seed gap check on BraTS 2021 "
                         "(loads the model)")
     args = parser.parse_args(argv)
     if not SHARED.is_dir():
         print(f"skipped: {SHARED} is absent (the team's shared labelled volumes).")
         return 0
-    cases = args.cases.split(",") if args.cases else list(DEFAULT_LABELS)
+    if args.lesions:  # the lesions and the shared cases: one rule must serve both
+        case_info = {**lesion_cases(), **shared_cases(args.cases.split(",") if args.cases else list(DEFAULT_LABELS))}
+    else:
+        case_info = shared_cases(args.cases.split(",") if args.cases else list(DEFAULT_LABELS))
+    cases = list(case_info)
     record_path = Path(args.record) if args.record else None
     if record_path is not None and record_path.is_file():
         saved = pickle.loads(record_path.read_bytes())
@@ -289,7 +314,7 @@ def main(argv=None) -> int:
         objects = [o for o in saved["objects"] if o["case"] in cases]
         print(f"replaying {len(objects)} recorded objects from {record_path}")
     else:
-        objects = record(args.model, cases, args.cache_dir, args.mode)
+        objects = record(args.model, case_info, args.cache_dir, args.mode)
         if record_path is not None:
             record_path.write_bytes(pickle.dumps({"model": args.model, "mode": args.mode, "objects": objects}))
 
@@ -298,11 +323,11 @@ def main(argv=None) -> int:
     complexity = np.array([sum(v is not None for v in p.values()) for p in policies])
     kept = kept_lengths(objects)
     dice, low_err, high_err, within = scores(objects, kept)
-    case_of = np.array([o["case"] for o in objects])
+    case_of = np.array([o.get("group", o["case"]) for o in objects])
 
-    # Leave one case out: choose on the others, score the held-out case's objects.
+    # Leave one case (one patient, for lesions) out: choose on the others, score the held-out objects.
     held = np.empty(len(objects), dtype=int)
-    print("\nleave-one-case-out choices")
+    print("\nleave-one-out choices (one case, or one patient for --lesions)")
     for case in dict.fromkeys(case_of):
         train, test = np.flatnonzero(case_of != case), np.flatnonzero(case_of == case)
         best = choose(dice, within, legacy, train, complexity)

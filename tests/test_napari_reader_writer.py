@@ -104,3 +104,12 @@ def test_sample_data_missing_says_what_to_do(monkeypatch, tmp_path):
     monkeypatch.delenv("MEDSAM_PLUGIN_SAMPLE_DATA", raising=False)
     with pytest.raises(FileNotFoundError, match="MEDSAM_PLUGIN_SAMPLE_DATA"):
         sd.sample_ct_path()
+
+
+def test_the_sarcoma_sample_opens_with_its_own_geometry(sample_dir):
+    from medsam_plugin.napari._sample_data import SARCOMA_CASE, sample_sarcoma_mr
+
+    [(data, kwargs, kind)] = sample_sarcoma_mr()
+    assert kind == "image" and data.shape == (30, 114, 85)  # axial view of an 85 x 114 x 30 LPS MR
+    np.testing.assert_allclose(kwargs["scale"], (3.27, 0.9766, 0.9766), atol=1e-3)
+    assert (sample_dir / SARCOMA_CASE / "label.nii.gz").is_file()

@@ -571,6 +571,9 @@ def _load_finetuned(obj: Any, path: Path, checkpoint: str | os.PathLike | None) 
         model.load_state_dict(state, strict=False)
     meta = ckpt["meta"] or {}
     prompts = tuple(meta.get("prompts") or base_spec.prompts)
+    # A checkpoint trained for clicks and masks is used as the shipped interactive model is (its stop
+    # policy and click refinement), unless its meta names the ones measured for it.
+    interactive = "mask" in prompts and "points" in prompts
     spec = dataclasses.replace(
         base_spec,
         name=path.stem,
@@ -580,7 +583,10 @@ def _load_finetuned(obj: Any, path: Path, checkpoint: str | os.PathLike | None) 
         description=f"{base_spec.description}; fine-tuned",
         prompts=prompts,
         default_mode=str(meta.get("recommended_mode") or base_spec.default_mode),
-        stop_policy="interactive" if "mask" in prompts and "points" in prompts else base_spec.stop_policy,
+        stop_policy=str(meta.get("stop_policy") or ("interactive" if interactive else base_spec.stop_policy)),
+        click_refine_passes=int(meta.get("click_refine_passes",
+                                         REGISTRY["medsam_interactive"].click_refine_passes if interactive
+                                         else base_spec.click_refine_passes)),
         # only the prompt encoder and mask decoder changed: the base's embeddings are still exact
         embedding_key=base_spec.embedding_key if not full else f"{path.stem}:{file_sha256(path)}",
     )

@@ -1,4 +1,5 @@
-"""napari sample data: the small abdominal CT shipped with the repository (MSD spleen, cropped).
+"""napari sample data shipped with the repository: a small abdominal CT (MSD spleen, cropped) and an
+MR T1 of a soft-tissue sarcoma (IBSI / TCIA Soft-tissue-Sarcoma, patient STS_032, CC BY 3.0).
 
 Looked up, in order: `$MEDSAM_PLUGIN_SAMPLE_DATA` (a folder holding the case folders), the
 `sample_data/` folder of a source checkout (editable install), then `sample_data/` under the
@@ -11,10 +12,11 @@ import os
 from pathlib import Path
 
 SAMPLE_CASE = "ct_spleen_msd_spleen2_crop"
+SARCOMA_CASE = "mr_sarcoma_ibsi_sts_032"
 
 
-def sample_ct_path() -> Path:
-    """Path of the shipped sample CT (image.nii.gz); raises FileNotFoundError with advice."""
+def sample_ct_path(case: str = SAMPLE_CASE) -> Path:
+    """Path of a shipped sample scan (its image.nii.gz); raises FileNotFoundError with advice."""
     candidates = []
     env = os.environ.get("MEDSAM_PLUGIN_SAMPLE_DATA")
     if env:
@@ -22,11 +24,11 @@ def sample_ct_path() -> Path:
     candidates.append(Path(__file__).resolve().parents[2] / "sample_data")
     candidates.append(Path.cwd() / "sample_data")
     for folder in candidates:
-        path = folder / SAMPLE_CASE / "image.nii.gz"
+        path = folder / case / "image.nii.gz"
         if path.is_file():
             return path
     raise FileNotFoundError(
-        f"The sample CT '{SAMPLE_CASE}/image.nii.gz' was not found (looked in "
+        f"The sample scan '{case}/image.nii.gz' was not found (looked in "
         f"{', '.join(str(c) for c in candidates)}). It ships with the source repository: install the "
         "plugin from a checkout (pip install -e .), or set MEDSAM_PLUGIN_SAMPLE_DATA to the "
         "repository's sample_data folder."
@@ -38,3 +40,10 @@ def sample_ct() -> list[tuple]:
     from ._reader import read_scan
 
     return read_scan(str(sample_ct_path()))
+
+
+def sample_sarcoma_mr() -> list[tuple]:
+    """The sample MR T1 of a thigh sarcoma as a napari image layer (click the tumour, press S, then P)."""
+    from ._reader import read_scan
+
+    return read_scan(str(sample_ct_path(SARCOMA_CASE)))
