@@ -158,26 +158,37 @@ class FinetuneJob:
         reader = threading.Thread(target=_pump, args=(proc, lines), daemon=True)
         reader.start()
         done, seen = 0, 0
-        yield Progress(0, self.steps, "loading the model and encoding the slices")
         interrupted = False
-        while proc.poll() is None or reader.is_alive() or seen < len(lines):
-            if cancel.is_set() and not interrupted and proc.poll() is None:
+        try:
+            yield Progress(0, self.steps, "loading the model and encoding the slices")
+            while proc.poll() is None or reader.is_alive() or seen < len(lines):
+                if cancel.is_set() and not interrupted and proc.poll() is None:
+                    interrupted = True
+                    _interrupt(proc)
+                while seen < len(lines):
+                    line = lines[seen].strip()
+                    seen += 1
+                    self.log.append(line)
+                    m = STEP_LINE.match(line)
+                    if m:
+                        done = max(done, int(m.group(1)))
+                    if line:
+                        yield Progress(min(done, self.steps), self.steps, line[:120])
+                if proc.poll() is not None and not reader.is_alive():
+                    continue
+                time.sleep(0.1)
+                if interrupted and proc.poll() is None and time.monotonic() - _interrupted_at(proc) > 30:
+                    proc.kill()  # a trainer that did not stop within 30 s of the interrupt
+        finally:
+            # closed at a yield (napari's worker.quit(), gen.close()) or failed: the child must not run on
+            if proc.poll() is None:
                 interrupted = True
                 _interrupt(proc)
-            while seen < len(lines):
-                line = lines[seen].strip()
-                seen += 1
-                self.log.append(line)
-                m = STEP_LINE.match(line)
-                if m:
-                    done = max(done, int(m.group(1)))
-                if line:
-                    yield Progress(min(done, self.steps), self.steps, line[:120])
-            if proc.poll() is not None and not reader.is_alive():
-                continue
-            time.sleep(0.1)
-            if interrupted and proc.poll() is None and time.monotonic() - _interrupted_at(proc) > 30:
-                proc.kill()  # a trainer that did not stop within 30 s of the interrupt
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         rc = proc.wait()
         if interrupted or cancel.is_set():
             raise FinetuneCancelled(f"Training was cancelled at step {done}; press Train again with 'resume' to go on "
