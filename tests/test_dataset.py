@@ -393,3 +393,34 @@ def yield_all(gen):
             next(gen)
     except StopIteration as stop:
         return stop.value
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_batch_segment_under_torchrun_two_processes_share_the_cases(tmp_path):
+    """`torchrun --nproc_per_node=2 -m medsam_plugin.cli segment --datalist`: each rank takes every
+    second case, rank 0 prints one table of all of them, and every case is written once."""
+    import os
+
+    folder = tmp_path / "cohort"
+    for name, z0 in {"a": 10, "b": 11, "c": 12}.items():
+        crop_case(folder / f"{name}.nii.gz", z0, z0 + 3)
+    ds = Dataset(folder)
+    from medsam_plugin.io import read_volume
+
+    for c in ds.cases:
+        vol = read_volume(c.image)
+        lab = np.zeros(vol.data_ijk.shape, np.uint8)
+        lab[60:100, 60:100, 1] = 1
+        ds.save_case(c.name, lab, vol, {1: "spleen"}, prompts={"frame": "voxel", "objects": [
+            {"id": 1, "name": "spleen", "boxes": [[[40, 40, 1], [120, 120, 1]]], "direction": "none"}]})
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "medsam_plugin.cli", "segment", "--datalist", str(folder / "dataset.json"), "--model", "lite_medsam",
+           "--device", "cpu", "--out-dir", str(tmp_path / "out"), "--json", str(tmp_path / "report.json")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("3 of 3 cases segmented") == 1  # one table, from rank 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [r["name"] for r in report["cases"]] == ["a", "b", "c"] and all(r["ok"] for r in report["cases"])
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == ["a.nii.gz", "b.nii.gz", "c.nii.gz"]

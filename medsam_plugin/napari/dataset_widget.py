@@ -97,6 +97,7 @@ class DatasetWidget(QWidget):
         layout.addWidget(self.progress_label)
         layout.addWidget(self.progress_bar)
         self.case_list = QListWidget()
+        self.case_list.setMinimumHeight(120)  # docked under the MedSAM panel, it keeps a few rows visible
         self.case_list.itemDoubleClicked.connect(lambda item: self.open_case(item.data(Qt.UserRole)))
         layout.addWidget(self.case_list, 1)
         nav = QHBoxLayout()
@@ -233,7 +234,9 @@ class DatasetWidget(QWidget):
         w = self.medsam
         if w.session is None:
             return None
-        state = w.work_state()
+        state = w.work_state(accept_pending=False)  # asking must not change the work
+        if state.get("pending"):
+            return "a slice result not accepted"  # never the saved fingerprint: leaving asks
         return work_fingerprint(w.session.labels.array, state)
 
     def has_unsaved_work(self) -> bool:

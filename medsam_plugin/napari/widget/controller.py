@@ -1102,14 +1102,15 @@ class MedSAMWidget(QWidget):
         return True
 
     # ================================================================== the Dataset panel's access (napari/dataset_widget.py)
-    def work_state(self) -> dict | None:
+    def work_state(self, accept_pending: bool = True) -> dict | None:
         """The session's work as `SegmentationSession.to_state` keeps it, brush strokes and the prompts
-        drawn included (the slice result not yet accepted is accepted, as the user saw it); None without
-        a session."""
+        drawn included; `accept_pending`: the slice result not yet accepted is accepted first, as the
+        user saw it (else the state carries it as pending). None without a session."""
         if self.session is None:
             return None
         self._sync_paint()
-        self._keeping_layers(self.session.accept_pending)
+        if accept_pending:
+            self._keeping_layers(self.session.accept_pending)
         return self._state()
 
     def load_work(self, labels_zyx, state: dict) -> None:
