@@ -1,13 +1,14 @@
 """The dataset loop as a new user runs it, timed: five scans annotated in napari, a fine-tune started
 from the Dataset panel, and the saved prompts replayed by ``medsam-plugin segment --datalist``.
 
-    xvfb-run -a python scripts/dataset_loop.py --folder /tmp/loop [--screens DIR] [--steps 40]
+    xvfb-run -a python scripts/dataset_loop.py --folder /tmp/loop [--screens DIR] [--steps 40] [--slices 8]
 
 The folder is built from copies of the shipped sample data and, when present, the shared
 TotalSegmentator MR case (Apache-2.0): the spleen CT, the abdomen CT, two crops of them and the
-abdomen MR. The "user" draws the bounding box of the reference spleen on its largest slice (and of
-the liver on the abdomen CT), then presses S, P and Shift+S, and Shift+N for the next case: real
-key presses on the canvas. Screenshots go to --screens.
+abdomen MR, each cut to --slices slices round the spleen (0: whole). The "user" draws the bounding
+box of the reference spleen on its largest slice, then presses S, P and Shift+S, and Shift+N for
+the next case: real key presses on the canvas. Screenshots go to --screens. --cache names the
+cache root (a fresh one by default: the first run converts the encoder to OpenVINO).
 """
 
 from __future__ import annotations
@@ -38,7 +39,14 @@ def _crop(src: Path, dst: Path, z0: int, z1: int) -> None:
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, z0:z1], affine, img.header), str(dst))
 
 
-def build_folder(folder: Path) -> dict[str, Path]:
+def _spleen_span(label: Path) -> tuple[int, int]:
+    import nibabel as nib
+
+    zs = np.flatnonzero((np.asarray(nib.load(str(label)).dataobj) == 1).sum(axis=(0, 1)))
+    return int(zs.min()), int(zs.max())
+
+
+def build_folder(folder: Path, slices: int) -> dict[str, Path]:
     """Five scans (and, kept apart, their reference labels for the scripted user's boxes)."""
     truth_dir = folder.parent / (folder.name + "_reference")
     shutil.rmtree(folder, ignore_errors=True)
@@ -46,18 +54,25 @@ def build_folder(folder: Path) -> dict[str, Path]:
     folder.mkdir(parents=True)
     truth_dir.mkdir(parents=True)
     spleen, abdomen = SAMPLE / "ct_spleen_msd_spleen2_crop", SAMPLE / "ct_abdomen_totalseg_sm"
-    plan = {"spleen_ct": (spleen, None), "abdomen_ct": (abdomen, None),
-            "spleen_ct_upper": (spleen, (8, 26)), "abdomen_ct_lower": (abdomen, (0, 20))}
+    # (source, offset of the crop from the spleen's first slice): different crops of one scan
+    plan = {"spleen_ct": (spleen, 0), "abdomen_ct": (abdomen, 0), "spleen_ct_upper": (spleen, 6),
+            "abdomen_ct_upper": (abdomen, 3)}
     if (SHARED / "mr_abdomen_totalseg_sm").is_dir():
-        plan["abdomen_mr"] = (SHARED / "mr_abdomen_totalseg_sm", None)
+        plan["abdomen_mr"] = (SHARED / "mr_abdomen_totalseg_sm", 0)
     else:
-        plan["spleen_ct_lower"] = (spleen, (0, 18))
-    for name, (src, crop) in plan.items():
+        plan["spleen_ct_lower"] = (spleen, -2)
+    for name, (src, offset) in plan.items():
+        import nibabel as nib
+
+        n = nib.load(str(src / "image.nii.gz")).shape[2]
+        lo, hi = _spleen_span(src / "label.nii.gz")
+        if slices:
+            z0 = max(0, min(lo + offset, n - slices))
+            crop = (z0, z0 + slices)
+        else:
+            crop = (0, n)
         for kind, out in (("image", folder / f"{name}.nii.gz"), ("label", truth_dir / f"{name}.nii.gz")):
-            if crop:
-                _crop(src / f"{kind}.nii.gz", out, *crop)
-            else:
-                shutil.copy(src / f"{kind}.nii.gz", out)
+            _crop(src / f"{kind}.nii.gz", out, *crop)
     return {name: truth_dir / f"{name}.nii.gz" for name in plan}
 
 
@@ -67,11 +82,15 @@ def main(argv=None) -> int:
     parser.add_argument("--screens", type=Path, default=None)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--minutes", type=float, default=8.0)
+    parser.add_argument("--slices", type=int, default=8)
+    parser.add_argument("--cache", type=Path, default=None)
+    parser.add_argument("--tiny-training", action="store_true",
+                        help="train on 2 slices per case and window, axial only (a machine without CPU to spare)")
     args = parser.parse_args(argv)
     os.environ.setdefault("MEDSAM_PLUGIN_AUTOSAVE", "ignore")
-    os.environ["MEDSAM_PLUGIN_CACHE"] = tempfile.mkdtemp(prefix="medsam_loop_")
+    os.environ["MEDSAM_PLUGIN_CACHE"] = str(args.cache) if args.cache else tempfile.mkdtemp(prefix="medsam_loop_")
     times: dict[str, float] = {}
-    truths = build_folder(args.folder)
+    truths = build_folder(args.folder, args.slices)
 
     import napari
     from qtpy.QtCore import Qt
@@ -121,7 +140,7 @@ def main(argv=None) -> int:
         name = panel.current
         session = medsam.session
         truth_all = session.view.to_view(read_labels(truths[name], session.volume))
-        objects = [(1, "spleen")] + ([(5, "liver")] if name == "abdomen_ct" else [])
+        objects = [(1, "spleen")]
         t_seg = t_prop = 0.0
         for value, object_name in objects:
             truth = truth_all == value
@@ -164,6 +183,8 @@ def main(argv=None) -> int:
     restored = panel.current
 
     # fine-tune from the panel, in the background
+    if args.tiny_training:
+        panel.job_overrides = lambda: {"extra": ("--views", "axial", "--variants", "0", "--slices-per-variant", "2")}
     panel.steps_spin.setValue(args.steps)
     panel.minutes_spin.setValue(args.minutes)
     t0 = time.perf_counter()

@@ -287,10 +287,12 @@ def test_segment_prompts_replays_a_saved_case_voxel_for_voxel_real_weights(tmp_p
 
 @pytest.mark.model
 @pytest.mark.slow
-def test_batch_segment_on_three_cases_with_one_broken(tmp_path, capsys):
+def test_batch_segment_on_three_cases_with_one_broken(tmp_path, capsys, monkeypatch):
     """`segment --datalist`: two cases are written, the broken one is named, the exit status says so,
     and nothing of the broken case is left half-written."""
     from medsam_plugin.cli import main
+
+    monkeypatch.setenv("MEDSAM_PLUGIN_CACHE", str(tmp_path / "cache"))  # its embeddings go to the widget's cache
 
     folder = tmp_path / "cohort"
     for name, (z0, z1) in {"a": (10, 16), "b": (11, 17), "c": (12, 18)}.items():
@@ -320,6 +322,7 @@ def test_batch_segment_on_three_cases_with_one_broken(tmp_path, capsys):
     import nibabel as nib
 
     assert (np.asarray(nib.load(str(out_dir / "a.nii.gz")).dataobj) == 1).sum() > 500
+    assert list((tmp_path / "cache" / "embeddings").glob("*.emb"))  # shared with the napari widget's cache
 
 
 def test_batch_segment_refuses_a_dataset_without_prompts(tmp_path, capsys):
@@ -414,7 +417,7 @@ def test_batch_segment_under_torchrun_two_processes_share_the_cases(tmp_path):
         lab[60:100, 60:100, 1] = 1
         ds.save_case(c.name, lab, vol, {1: "spleen"}, prompts={"frame": "voxel", "objects": [
             {"id": 1, "name": "spleen", "boxes": [[[40, 40, 1], [120, 120, 1]]], "direction": "none"}]})
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MEDSAM_PLUGIN_CACHE=str(tmp_path / "cache"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "medsam_plugin.cli", "segment", "--datalist", str(folder / "dataset.json"), "--model", "lite_medsam",
            "--device", "cpu", "--out-dir", str(tmp_path / "out"), "--json", str(tmp_path / "report.json")]

@@ -192,6 +192,11 @@ def cmd_segment_datalist(args) -> int:
     rank, world = _dist_info()
     info = None
     choice = ModelChoice.from_args(args)
+    if choice.cache_dir is None:
+        from ..io.cache import cache_dir
+
+        # the napari widget's embedding cache: the slices annotated there are encoded already
+        choice = dataclasses.replace(choice, cache_dir=str(cache_dir("embeddings")))
     if world > 1:
         from ..training.trainer import init_distributed
 
