@@ -427,3 +427,14 @@ def test_batch_segment_under_torchrun_two_processes_share_the_cases(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert [r["name"] for r in report["cases"]] == ["a", "b", "c"] and all(r["ok"] for r in report["cases"])
     assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == ["a.nii.gz", "b.nii.gz", "c.nii.gz"]
+
+
+def test_segment_needs_prompts_and_out_or_a_datalist(tmp_path, capsys):
+    from medsam_plugin.cli import main
+
+    image = crop_case(tmp_path / "a.nii.gz", 10, 12)
+    assert main(["segment", str(image), "--out", str(tmp_path / "o.nii.gz")]) == 2
+    assert "needs IMAGE, --prompts and --out" in capsys.readouterr().err
+    assert main(["segment", str(image), "--datalist", str(tmp_path / "dataset.json")]) == 2
+    assert "either --datalist" in capsys.readouterr().err
+    assert not (tmp_path / "o.nii.gz").exists()

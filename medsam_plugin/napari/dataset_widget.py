@@ -80,6 +80,15 @@ class DatasetWidget(QWidget):
         for key, (method, _) in SHORTCUTS.items():
             self.viewer.bind_key(key, lambda _v=None, _m=method: getattr(self, _m)(), overwrite=True)
 
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt name)
+        self.cancel_training()  # the child process must not outlive the panel
+        for key in SHORTCUTS:
+            try:
+                self.viewer.bind_key(key, None)
+            except Exception:  # the viewer is closing
+                pass
+        super().closeEvent(event)
+
     # ------------------------------------------------------------------ layout
     def _build(self) -> None:
         layout = QVBoxLayout(self)
