@@ -36,11 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     seg = sub.add_parser("segment", help="segment a scan from a prompts file and write a label map")
-    seg.add_argument("image", help="NIfTI file, DICOM folder, NRRD or MHA")
+    seg.add_argument("image", nargs="?", help="NIfTI file, DICOM folder, NRRD or MHA")
     seg.add_argument("--series-uid", default=None, help="which DICOM series to read when the folder holds several")
-    seg.add_argument("--prompts", required=True, help="prompts JSON (objects with boxes/points; see README)")
-    seg.add_argument("--out", required=True,
+    seg.add_argument("--prompts", default=None, help="prompts JSON (objects with boxes/points; see README)")
+    seg.add_argument("--out", default=None,
                      help="output label map (.nii.gz, .nrrd, .mha), or .dcm: a DICOM SEG (the image must be a DICOM series)")
+    seg.add_argument("--datalist", default=None, metavar="DATASET.json",
+                     help="segment every case of this dataset.json that has saved prompts (labelsTr/<case>.prompts.json); "
+                          "instead of IMAGE --prompts --out; runs sharded under torchrun")
+    seg.add_argument("--out-dir", default=None, help="with --datalist: where the label maps go (default DATASET/replayed)")
+    seg.add_argument("--json", default=None, help="with --datalist: write the per-case results here")
     seg.add_argument("--dicom-seg", default=None, metavar="PATH",
                      help="also write a DICOM SEG here that references the source DICOM series (see README)")
     seg.add_argument("--seg-type", action="append", default=[], metavar="ID=TYPE",
@@ -264,6 +269,14 @@ def _save_outputs(session, out: Path, seg_paths: list, seg_properties: dict, per
 
 
 def cmd_segment(args) -> int:
+    if args.datalist:
+        if args.image or args.prompts or args.out:
+            raise ValueError("segment takes either --datalist DATASET.json or IMAGE --prompts P --out OUT, not both.")
+        from .dataset.batch import cmd_segment_datalist
+
+        return cmd_segment_datalist(args)
+    if not (args.image and args.prompts and args.out):
+        raise ValueError("segment needs IMAGE, --prompts and --out (or --datalist DATASET.json for a whole dataset).")
     from .engine.choice import ModelChoice
     from .engine.prompts import load_prompts, parse_prompts
     from .engine.propagation import run_to_completion
@@ -279,7 +292,12 @@ def cmd_segment(args) -> int:
     _warn_if_constant(volume)
     seg_paths, seg_properties = _dicom_seg_plan(args, volume)  # fails here, before any model work
     session = ModelChoice.from_args(args).session(volume)
-    objects = parse_prompts(load_prompts(args.prompts), session.view, source=str(args.prompts))
+    doc = load_prompts(args.prompts)
+    objects = parse_prompts(doc, session.view, source=str(args.prompts))
+    from .dataset.replay import edits_of_document, read_edits
+
+    edits_path = edits_of_document(doc, args.prompts)  # brush edits saved with the prompts (Dataset panel)
+    edits = read_edits(edits_path, volume.data_ijk.shape) if edits_path else {}
     if args.mode:
         session.mode = args.mode
     session.stop_rules = _stop_rules(args)
@@ -310,6 +328,10 @@ def cmd_segment(args) -> int:
             if unsure:  # where a reviewer should look first
                 print("  least sure slices (confidence < 0.5): "
                       + ", ".join(f"{z} ({c:.2f})" for c, z in unsure), file=sys.stderr)
+    if edits:
+        from .dataset.batch import put_back_edits
+
+        put_back_edits(session, edits)
     written = _save_outputs(session, out, seg_paths, seg_properties, args.per_object_dir)
     for path in written:
         print(f"wrote {path}")

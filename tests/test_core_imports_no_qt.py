@@ -24,7 +24,10 @@ def core_modules() -> list[str]:
 
 def test_core_modules_exist():
     names = core_modules()
-    for expected in ("medsam_plugin.io", "medsam_plugin.engine.session", "medsam_plugin.cli"):
+    for expected in ("medsam_plugin.io", "medsam_plugin.engine.session", "medsam_plugin.cli",
+                     # the dataset worklist's core, under the napari Dataset panel
+                     "medsam_plugin.dataset", "medsam_plugin.dataset.store", "medsam_plugin.dataset.replay",
+                     "medsam_plugin.dataset.batch", "medsam_plugin.dataset.train"):
         assert expected in names
 
 

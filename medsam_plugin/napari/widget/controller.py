@@ -1100,3 +1100,27 @@ class MedSAMWidget(QWidget):
                          f"{', and the slice result not yet accepted' if s.pending else ''}). P propagates on.")
         self._autosave()
         return True
+
+    # ================================================================== the Dataset panel's access (napari/dataset_widget.py)
+    def work_state(self, accept_pending: bool = True) -> dict | None:
+        """The session's work as `SegmentationSession.to_state` keeps it, brush strokes and the prompts
+        drawn included; `accept_pending`: the slice result not yet accepted is accepted first, as the
+        user saw it (else the state carries it as pending). None without a session."""
+        if self.session is None:
+            return None
+        self._sync_paint()
+        if accept_pending:
+            self._keeping_layers(self.session.accept_pending)
+        return self._state()
+
+    def load_work(self, labels_zyx, state: dict) -> None:
+        """Show saved work (a dataset case's labels, view frame, and its session state) on the session."""
+        s = self.session
+        s.drop_pending()
+        current = s.from_state(labels_zyx, state, what="open the saved case")
+        self.current_label = current
+        if self.prompt_layers is not None:
+            self.prompt_layers.load(s.prompts_of(current))
+        self.panel.show_overlap(s.overlap)
+        self._show_labels()
+        self._refresh_objects()
