@@ -182,14 +182,39 @@ class MedSAMWidget(QWidget):
         if layer is None:
             return
         if layer is self.image_layer:
-            self.cancel()
-            self.session = None
-            self.image_layer = None
-            self._set_status("The scan was closed. Open another scan and press 'Use this scan'.")
+            self._close_scan()
         elif self.label_layers is not None:  # an object's overlap layer the user removed comes back when needed
             for label_id, own in list(self.label_layers.overlaps.items()):
                 if own is layer:
                     del self.label_layers.overlaps[label_id]
+
+    def _close_scan(self) -> None:
+        """The scan's image layer is gone: stop its work and take away everything shown of it.
+
+        A running task is cancelled (its callbacks see the session gone and change nothing); the
+        work done so far stays in the autosave, offered again when the scan is reopened.
+        """
+        self.cancel()
+        saved = self.autosave_folder is not None and self.autosave_enabled and self.session is not None \
+            and self.session.has_work
+        self.session = None
+        self.image_layer = None
+        self.current_label = None
+        self.label_layers = self.prompt_layers = None
+        self.autosave_folder = self.offered_folder = None
+        self._strip_data = ({}, (), 0)
+        for layer in list(self.viewer.layers):
+            if self._is_plugin_layer(layer):
+                self.viewer.layers.remove(layer)
+        self.panel.set_active(False)
+        self._fit_view()
+        kept = " Its work is in the autosave: open it again to restore it." if saved else ""
+        self._set_status(f"The scan was closed.{kept} Open a scan (or choose one and press 'Use this scan').")
+
+    @staticmethod
+    def _is_plugin_layer(layer) -> bool:
+        return layer.name in (LAYER_LABELS, LAYER_PENDING, LAYER_ORIENTATION, *PromptLayers.NAMES) \
+            or layer.name.startswith(LAYER_OVERLAP_PREFIX)
 
     def _volume_of(self, layer):
         """The source Volume of an image layer (from the reader), or one built from its transform."""
@@ -245,6 +270,7 @@ class MedSAMWidget(QWidget):
             self.panel.show_window("mr")
         self.current_label = None
         self._make_layers()
+        self.panel.set_active(True)
         session.set_overlap(self.panel.overlap_mode())  # the panel's choice holds
         self._refresh_objects()
         self._set_status(f"Scan: {volume.describe()}. Draw a box (or click points) on a slice, then press S.")
@@ -284,8 +310,7 @@ class MedSAMWidget(QWidget):
     def _make_layers(self) -> None:
         """Create (or reset) the label and prompt layers over the session's scan."""
         for layer in list(self.viewer.layers):
-            if layer.name in (LAYER_LABELS, LAYER_PENDING, LAYER_ORIENTATION, *PromptLayers.NAMES) \
-                    or layer.name.startswith(LAYER_OVERLAP_PREFIX):
+            if self._is_plugin_layer(layer):
                 self.viewer.layers.remove(layer)
         geometry = dict(layer_geometry(self.session.view))
         self.label_layers = LabelLayers(self.viewer, self.session, geometry, on_new_layer=self.keys.bind)

@@ -68,6 +68,7 @@ class Panel(QWidget):
         self.controller = controller
         self._history = (False, False)  # (can undo, can redo), applied whenever the panel is not busy
         self._busy = False
+        self._active = False  # a scan is open in a session: the actions have something to act on
         c = controller
         root = QVBoxLayout(self)
 
@@ -246,6 +247,7 @@ class Panel(QWidget):
         self.setToolTip(f"Keyboard shortcuts — {shortcuts_text()}")
         root.addStretch(1)
         self.show_history(False, False)
+        self.set_active(False)
 
     # ------------------------------------------------------------ settings the user chose
     def model_name(self) -> str:
@@ -329,27 +331,44 @@ class Panel(QWidget):
     def set_status(self, text: str) -> None:
         self.status.setText(text)
 
+    def set_active(self, active: bool) -> None:
+        """A scan is open (the actions on) or none is (the actions off, and nothing of a closed scan shown)."""
+        self._active = bool(active)
+        if not active:
+            self.object_list.blockSignals(True)
+            self.object_list.clear()
+            self.object_list.blockSignals(False)
+            self.review_label.setText("Propagate an object to see how sure each slice is.")
+            self.confidence_strip.clear_strip()
+            self.offer_restore(None)
+            self._history = (False, False)
+        self._enable_actions()
+
+    def _enable_actions(self) -> None:
+        on = self._active and not self._busy
+        for b in self.buttons.values():
+            b.setEnabled(on)
+        self.precompute_btn.setEnabled(on)
+        self.export_btn.setEnabled(on)
+        if on:
+            self.show_history(*self._history)
+
     def set_busy(self, busy: bool, description: str = "") -> None:
         """While long work runs: its progress bar and Cancel on, the actions off."""
         self._busy = busy
         self.progress.setVisible(busy)
         self.progress_label.setVisible(busy)
         self.cancel_btn.setEnabled(busy)
-        for b in self.buttons.values():
-            b.setEnabled(not busy)
-        self.precompute_btn.setEnabled(not busy)
-        self.export_btn.setEnabled(not busy)
+        self._enable_actions()
         if busy:
             self.progress.setRange(0, 0)
             self.progress_label.setText(description)
             self.set_status(f"{description}… (Cancel stops it; nothing is changed until it finishes)")
-        else:
-            self.show_history(*self._history)
 
     def show_history(self, can_undo: bool, can_redo: bool) -> None:
         """Undo and Redo are greyed out when there is nothing to take back or to redo."""
         self._history = (bool(can_undo), bool(can_redo))
-        if not self._busy:
+        if self._active and not self._busy:
             self.buttons["undo"].setEnabled(self._history[0])
             self.buttons["redo"].setEnabled(self._history[1])
 
