@@ -99,3 +99,56 @@ def test_deleting_the_scan_in_the_layer_list_after_propagation(make, qtbot):
     qtbot.waitUntil(lambda: w.session is not None, timeout=5000)
     assert w.panel.buttons["segment"].isEnabled() and w.panel.export_btn.isEnabled()
     assert "MedSAM labels" in medsam_layers(viewer)
+
+
+# ---------------------------------------------------------------- 4: a model choice is checked when made
+def choose_model(w, qtbot, text):
+    """Type a model name or path in the panel's model box and press Enter, as a user does."""
+    from qtpy.QtCore import Qt
+
+    edit = w.panel.model_combo.lineEdit()
+    edit.selectAll()
+    qtbot.keyClicks(edit, text)
+    qtbot.keyClick(edit, Qt.Key_Return)
+
+
+def test_a_model_choice_without_usable_weights_is_refused_at_once(make, qtbot, monkeypatch, tmp_path):
+    import medsam_plugin.napari.widget.controller as mod
+    from medsam_plugin.model import registry
+
+    seen = []
+    monkeypatch.setattr(mod, "_notify", lambda kind, msg: seen.append((kind, msg)))
+    viewer, build = make
+    w = build()
+    before = (w.session.model_name, w.session.device)
+    # a registered model whose weights are not bundled
+    choose_model(w, qtbot, "sam_vit_b")
+    assert "cannot be used" in w.panel.status.text() and "not bundled" in w.panel.status.text()
+    assert seen and seen[-1][0] == "warning"
+    assert w.panel.model_name() == before[0] and (w.session.model_name, w.session.device) == before
+    shot(viewer, "issue21_4_model_not_installed")
+    # a checkpoint path that does not exist, and one that is damaged
+    choose_model(w, qtbot, str(tmp_path / "missing.pth"))
+    assert "does not exist" in w.panel.status.text() and w.panel.model_name() == before[0]
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint" * 1000)
+    choose_model(w, qtbot, str(junk))
+    assert "damaged" in w.panel.status.text() and w.session.model_name == before[0]
+    # the package that ships LiteMedSAM's weights is missing: both shipped models need it
+    monkeypatch.setattr(registry, "LITE_MEDSAM_PACKAGE", ("no-such-dist-xyz", "no_such_pkg_xyz", "asset/w.pth"))
+    choose_model(w, qtbot, "lite_medsam")
+    assert "not installed" in w.panel.status.text() and w.session.model_name == before[0]
+    # a device that is not here
+    if not __import__("torch").cuda.is_available():
+        w.panel.device_combo.setCurrentText("cuda")
+        assert "cannot be used" in w.panel.status.text() and w.panel.device_name() == before[1]
+    monkeypatch.undo()
+    monkeypatch.setattr(mod, "_notify", lambda kind, msg: seen.append((kind, msg)))
+    # a working choice is taken
+    try:
+        registry.find_lite_medsam_weights()
+    except registry.ModelLoadError:
+        return
+    n = len(seen)
+    choose_model(w, qtbot, "lite_medsam")
+    assert w.session.model_name == "lite_medsam" and "lite_medsam" in w.panel.status.text() and len(seen) == n

@@ -90,8 +90,10 @@ class MedSAMWidget(QWidget):
         self._loaded_models: dict[tuple[str, str], object] = {}
         self._strip_data: tuple = ({}, (), 0)  # (confidence, seeds, n slices) of the current object
         self._fit_until = 0.0  # until then (time.monotonic), a canvas resize fits the scan again
+        self._model_choice: tuple[str, str] = ("", "")  # the last (model, device) that passed the check
         self.keys = KeyBindings(self)
         self.panel = Panel(self)
+        self._model_choice = (self.model_name(), self.device_name())
         self.runner = TaskRunner(inline, on_busy=self._set_busy, on_progress=self.panel.show_progress,
                                  on_error=self._task_failed)
         layout = QVBoxLayout(self)
@@ -349,12 +351,21 @@ class MedSAMWidget(QWidget):
 
     def change_model(self) -> None:
         """Use the model/device now chosen; labels, objects, seeds, stop slices and undo history are kept
-        (embeddings are not)."""
+        (embeddings are not). The choice is checked at once (`model.registry.check_available`): weights
+        that are not installed, a missing or damaged file, or a device not here are refused with a
+        sentence, and the previous choice stays."""
         s = self.session
-        if s is None or (s.model_name, s.device) == (self.model_name(), self.device_name()):
+        chosen = (self.model_name(), self.device_name())
+        if chosen == self._model_choice and (s is None or (s.model_name, s.device) == chosen):
             return
         if self._busy():
             _notify("warning", "The model can change once the running work ends (or press Cancel).")
+            self.panel.show_model(*self._model_choice)
+            return
+        if not self._check_model(*chosen):
+            return
+        self._model_choice = chosen
+        if s is None or (s.model_name, s.device) == chosen:
             return
         self._sync_paint()
         self._keeping_layers(s.accept_pending)  # a preview of the old model is kept as the user saw it
@@ -362,6 +373,21 @@ class MedSAMWidget(QWidget):
                     loaded_model=self._loaded_models.get((self.model_name(), self.device_name())))
         self._refresh_objects()
         self._set_status(f"Model {self.model_name()} on {self.device_name()}: it loads with the next segmentation.")
+
+    def _check_model(self, name: str, device: str) -> bool:
+        """Whether the model and device chosen can be used; if not, say why and show the last good choice."""
+        from ...model.registry import check_available
+
+        try:
+            check_available(name, device=device)
+        except Exception as exc:  # ModelLoadError / DeviceNotAvailableError: their sentence says what to do
+            previous = self._model_choice
+            self.panel.show_model(*previous)
+            text = f"Model '{name}' on {device} cannot be used: {exc} Still using '{previous[0]}' on {previous[1]}."
+            self._set_status(text)
+            _notify("warning", text)
+            return False
+        return True
 
     def _window_for(self, modality: str = "CT"):
         """The window the panel asks for, as the session takes it: a preset name, (level, width) or "mr"."""

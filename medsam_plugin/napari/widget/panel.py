@@ -256,6 +256,24 @@ class Panel(QWidget):
     def device_name(self) -> str:
         return self.device_combo.currentText()
 
+    def show_model(self, name: str, device: str) -> None:
+        """Show a model and device choice without calling back (a refused choice goes back to the last good one)."""
+        for combo, text in ((self.model_combo, name), (self.device_combo, device)):
+            edit = combo.lineEdit()
+            combo.blockSignals(True)
+            if edit is not None:
+                edit.blockSignals(True)
+            try:
+                index = combo.findText(text)
+                if index >= 0:
+                    combo.setCurrentIndex(index)
+                if edit is not None:
+                    combo.setEditText(text)
+            finally:
+                if edit is not None:
+                    edit.blockSignals(False)
+                combo.blockSignals(False)
+
     def window_choice(self):
         """The window chosen: a preset name, "mr", or (level, width) for "custom"."""
         choice = self.window_combo.currentText()
