@@ -47,6 +47,16 @@ def _notify(kind: str, message: str) -> None:
      "error": notifications.show_error}[kind](message)
 
 
+def slices_phrase(zs) -> str:
+    """'slice 3' / 'slices 3–9 (7 slices)' / 'no slice' for the sorted slices a result holds."""
+    zs = list(zs)
+    if not zs:
+        return "no slice"
+    if len(zs) == 1:
+        return f"slice {zs[0]} only"
+    return f"slices {zs[0]}–{zs[-1]} ({len(zs)} slices)"
+
+
 # What the status says when a background click the model ignored was carved out by the session
 # (SegmentationSession._carve_background_click).
 CARVED_NOTE = ("the model kept the spot the background click marked, so the part of the mask round the click "
@@ -197,6 +207,8 @@ class MedSAMWidget(QWidget):
         work done so far stays in the autosave, offered again when the scan is reopened.
         """
         self.cancel()
+        if self.label_layers is not None:
+            self.label_layers.close()
         saved = self.autosave_folder is not None and self.autosave_enabled and self.session is not None \
             and self.session.has_work
         self.session = None
@@ -311,6 +323,8 @@ class MedSAMWidget(QWidget):
 
     def _make_layers(self) -> None:
         """Create (or reset) the label and prompt layers over the session's scan."""
+        if self.label_layers is not None:
+            self.label_layers.close()
         for layer in list(self.viewer.layers):
             if self._is_plugin_layer(layer):
                 self.viewer.layers.remove(layer)
@@ -759,6 +773,13 @@ class MedSAMWidget(QWidget):
             _notify("warning", f"Slice {z} has no prompt: draw a box around the structure (Box tool) or click "
                                "inside it (+ Point tool), then press S.")
             return None
+        if box_note == "tiny":
+            self.prompt_layers.drop_tiny_boxes(z)
+            text = ("The box tool needs a drag: press on one corner of the structure, hold and drag to the "
+                    "opposite corner, then press S (for a click prompt, use + Point).")
+            self._set_status(text)
+            _notify("warning", text)
+            return None
         if box_note == "outside":
             _notify("warning", f"The box on slice {z} lies (almost) outside the image: draw it around the "
                                "structure inside the scan, then press S.")
@@ -899,9 +920,8 @@ class MedSAMWidget(QWidget):
             if result is None:  # a correction on an object the session had not propagated: the slice only
                 self._set_status((carved or f"Slice {correction.z} corrected. ") + "Propagate with P.")
                 return
-            zs = result.slices
             why = "; ".join(f"{k}: {v}" for k, v in result.stopped.items())
-            self._set_status(f"{carved}Propagated to slices {zs[0]}–{zs[-1]} ({len(zs)} slices). {why}. "
+            self._set_status(f"{carved}Propagated to {slices_phrase(result.slices)}. {why}. "
                              f"{self._commit_note(label_id)}Click points on a slice to correct it (S), or paint.")
 
         def finish(cancelled):
