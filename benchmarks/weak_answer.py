@@ -17,9 +17,10 @@ the pooled held-out confusion is what a new patient's answers can expect. The co
 uses (`engine.session.WEAK_ANSWER_IOU`) is the t chosen on all patients; the held-out thresholds'
 range says how stable it is.
 
-    python benchmarks/weak_answer.py [--record /tmp/weak_record.json] [--json out.json] [--limit N]
+    python benchmarks/weak_answer.py [--record /tmp/weak_record.jsonl] [--json out.json] [--limit N]
 
-`--record` keeps the answers: a second run with the same file skips the model.
+`--record` keeps the answers as they come: a second run with the same file asks the model only
+about the objects not in it yet.
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ def deepest_point(mask_yx: np.ndarray) -> np.ndarray:
     return np.array([[float(y), float(x)]])
 
 
-def record(model: str, limit: int | None, cache_dir: str | None) -> list[dict]:
+def record(model: str, limit: int | None, cache_dir: str | None, keep: Path | None = None) -> list[dict]:
+    """Answer every object's seed slices; with `keep`, each object's answers are appended to that
+    JSON-lines file as they come, and objects already there are not asked again."""
     import torch
 
     from medsam_plugin.engine.propagation import bounding_box_xyxy
@@ -76,8 +79,15 @@ def record(model: str, limit: int | None, cache_dir: str | None) -> list[dict]:
     torch.set_num_threads(1)
     loaded = load_model(model, device="cpu")
     rows = []
+    done = set()
+    if keep is not None and keep.is_file():
+        rows = [json.loads(line) for line in keep.read_text().splitlines() if line.strip()]
+        done = {(r["case"], r["label"]) for r in rows}
     for folder, label, patient in objects()[:limit]:
+        if (folder.name, label) in done:
+            continue
         t0 = time.perf_counter()
+        first = len(rows)
         volume = read_volume(folder / "image.nii.gz")
         session = SegmentationSession(volume, loaded_model=loaded, cache_dir=cache_dir)
         truth = session.view.to_view(read_labels(folder / "label.nii.gz", volume)) == label
@@ -92,6 +102,9 @@ def record(model: str, limit: int | None, cache_dir: str | None) -> list[dict]:
                 rows.append({"case": folder.name, "label": label, "patient": patient, "z": z, "prompt": kind,
                              "area": int(truth[z].sum()), "predicted_iou": float(pred.iou),
                              "dice": float(dice(pred.mask_yx, truth[z]))})
+        if keep is not None:
+            with keep.open("a") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in rows[first:])
         print(f"{folder.name} label {label}: {time.perf_counter() - t0:.1f} s", flush=True)
     return rows
 
@@ -147,18 +160,17 @@ def analyse(rows: list[dict], weak_dice: float, prompts=("click", "box")) -> dic
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="medsam_interactive")
-    ap.add_argument("--record", default=None, help="JSON file of recorded answers (reused when present)")
+    ap.add_argument("--record", default=None, help="JSON-lines file of recorded answers (reused and extended)")
     ap.add_argument("--cache-dir", default=None, help="on-disk embedding cache")
     ap.add_argument("--weak-dice", type=float, default=0.7)
     ap.add_argument("--limit", type=int, default=None, help="only the first N objects (a quick check)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--analyse-only", action="store_true", help="only analyse the answers in --record")
     args = ap.parse_args(argv)
-    if args.record and Path(args.record).is_file():
-        rows = json.loads(Path(args.record).read_text())
+    if args.analyse_only:
+        rows = [json.loads(line) for line in Path(args.record).read_text().splitlines() if line.strip()]
     else:
-        rows = record(args.model, args.limit, args.cache_dir)
-        if args.record:
-            Path(args.record).write_text(json.dumps(rows))
+        rows = record(args.model, args.limit, args.cache_dir, Path(args.record) if args.record else None)
     out = {name: analyse(rows, args.weak_dice, prompts)
            for name, prompts in (("all", ("click", "box")), ("click", ("click",)), ("box", ("box",)))}
     for name, res in out.items():

@@ -64,3 +64,14 @@ def test_a_new_change_ends_the_redo_of_a_preview():
     s2.undo()
     s2.remove_object(o2)  # its object gone
     assert not s2.can_redo
+
+
+def test_the_weak_answer_rule():
+    from medsam_plugin.engine.advice import WEAK_ANSWER_IOU, is_weak, weak_answer_note
+
+    assert 0.3 < WEAK_ANSWER_IOU < 0.95  # chosen from data (benchmarks/weak_answer.py), not a stub
+    assert is_weak(WEAK_ANSWER_IOU - 0.01) and not is_weak(WEAK_ANSWER_IOU)
+    assert weak_answer_note(WEAK_ANSWER_IOU, had_box=False) == ""
+    click = weak_answer_note(0.35, had_box=False)
+    assert "unsure" in click and "0.35" in click and "draw a box" in click
+    assert "click" in weak_answer_note(0.35, had_box=True) and "draw a box" not in weak_answer_note(0.35, had_box=True)

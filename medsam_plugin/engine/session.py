@@ -442,6 +442,13 @@ class SegmentationSession:
         self.accept(label_id, pred)
         return label_id
 
+    def pending_volume_ml(self) -> dict[int, float]:
+        """{label id: mL} of the held slice result (empty when none): what a preview on screen measures."""
+        if self.pending is None:
+            return {}
+        label_id, pred = self.pending
+        return {label_id: float(np.count_nonzero(pred.mask_yx)) * self.voxel_ml}
+
     def drop_pending(self) -> bool:
         """Forget the held slice result; returns whether there was one."""
         held, self.pending = self.pending is not None, None

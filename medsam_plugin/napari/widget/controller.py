@@ -266,6 +266,7 @@ class MedSAMWidget(QWidget):
             layer = self.viewer.layers[name]
         try:
             volume, axis = self._volume_of(layer)
+            window_note = self._choose_window(layer, volume, axis)
             session = SegmentationSession(volume, model=self.model_name(), device=self.device_name(), axis=axis,
                                           window=self._window_for(volume.modality),
                                           loaded_model=self._loaded_models.get((self.model_name(), self.device_name())),
@@ -280,16 +281,36 @@ class MedSAMWidget(QWidget):
         self.session = session
         self.image_layer = layer
         self.panel.scan_combo.setCurrentText(layer.name)
-        if volume.modality == "MR":
-            self.panel.show_window("mr")
         self.current_label = None
         self._make_layers()
         self.panel.set_active(True)
         session.set_overlap(self.panel.overlap_mode())  # the panel's choice holds
         self._refresh_objects()
-        self._set_status(f"Scan: {volume.describe()}. Draw a box (or click points) on a slice, then press S.")
+        self._set_status(f"Scan: {volume.describe()}.{window_note} Draw a box (or click points) on a slice, then press S.")
         self._find_autosave(layer, volume)
         return True
+
+    def _choose_window(self, layer, volume, axis) -> str:
+        """Show the window the scan opens in (`engine.preprocessing.choose_window`: lung for a lung CT,
+        the MR percentiles for MR); returns the status line's sentence on it."""
+        from ...engine.preprocessing import WINDOW_PRESETS, choose_window
+        from ...io.orientation import SliceView
+        from .._reader import META_WINDOW
+
+        modality = str(volume.modality).upper()
+        if modality != "CT":
+            self.panel.show_window("mr")
+            self.panel.set_modality(modality)
+            return ""
+        chosen = layer.metadata.get(META_WINDOW)
+        if not chosen:
+            chosen = choose_window(SliceView(volume, axis=axis).to_view(volume.data_ijk), "CT")
+        name, why = chosen
+        level, width = WINDOW_PRESETS[name]
+        self.panel.set_modality("CT")
+        self.panel.show_window(name, level, width)
+        layer.contrast_limits = (level - width / 2.0, level + width / 2.0)
+        return f" Window: {name} ({why}; change it under Intensity)."
 
     def _find_autosave(self, layer, volume) -> None:
         """Locate this scan's autosave folder, and restore or offer an autosave found there."""
@@ -437,8 +458,9 @@ class MedSAMWidget(QWidget):
             return
         s = self.session
         hidden = self.label_layers.hidden if self.label_layers else set()
-        volumes = s.volumes_ml()
-        rows = [(k, o.name, o.color, volumes[k], k in s.locked, k in hidden) for k, o in sorted(s.labels.objects.items())]
+        volumes, previews = s.volumes_ml(), s.pending_volume_ml()
+        rows = [(k, o.name, o.color, volumes[k], k in s.locked, k in hidden, previews.get(k))
+                for k, o in sorted(s.labels.objects.items())]
         self.panel.show_objects(rows, self.current_label)
         if self.label_layers is not None:
             self.label_layers.set_colors(self.current_label, self.model_name())
@@ -748,9 +770,17 @@ class MedSAMWidget(QWidget):
 
     @staticmethod
     def _load_model_first(session, steps: int):
-        """Progress for loading the model (in the worker thread), when it is not loaded yet."""
+        """Progress for loading the model (in the worker thread), when it is not loaded yet.
+
+        With the session's `prepare` (the engine's hook), its reports pass through as they are: a slow
+        one-time step (the fast encoder's conversion) says so, with an estimate, in the panel.
+        """
         from ...engine.propagation import Progress
 
+        prepare = getattr(session, "prepare", None)
+        if prepare is not None:
+            yield from prepare()
+            return
         if not session.model_loaded:
             yield Progress(0, steps, f"loading model {session.model_name}")
             session.predictor  # noqa: B018 (loads the model in this thread)
@@ -809,7 +839,7 @@ class MedSAMWidget(QWidget):
             self._remember_model()
             self._keeping_layers(session.hold_pending, label_id, pred)  # a preview elsewhere is kept
             self.label_layers.show_pending_slice(z, label_id, pred.mask_yx, only=True)
-            self._refresh_history()
+            self._refresh_objects()  # the list measures the preview too
             self._autosave()  # the object in progress survives a crash
             dt = time.perf_counter() - t0
             self.timings["segment_s"].append(dt)
@@ -817,8 +847,11 @@ class MedSAMWidget(QWidget):
             clipped = " (the box was clipped to the image)" if box_note == "clipped" else ""
             if (pred.prompt or {}).get("carved"):
                 clipped += f" ({CARVED_NOTE})"
+            from ...engine.advice import weak_answer_note
+
+            unsure = weak_answer_note(pred.iou, had_box=box is not None)
             self._set_status(f"Slice {z} {what}{clipped} ({int(pred.mask_yx.sum())} px, predicted IoU {pred.iou:.2f}, "
-                             f"{dt * 1000:.0f} ms). A accepts, P propagates, more clicks refine.")
+                             f"{dt * 1000:.0f} ms). " + (unsure or "A accepts, P propagates, more clicks refine."))
             if correction and session.was_propagated(label_id) and self.panel.repropagate_check.isChecked():
                 session.drop_pending()  # `correct` takes it as the correction's seed
                 from qtpy.QtCore import QTimer

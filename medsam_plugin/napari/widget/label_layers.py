@@ -88,16 +88,17 @@ class LabelLayers:
         """A 2D Points layer of text only: the patient directions at the four edges of every slice."""
         _, h, w = self.session.shape_zyx
         top, bottom, left, right = EDGE_LETTERS.get(self.session.view.axis, EDGE_LETTERS["axial"])
-        # Just outside the slice's edges, so no letter covers the image or a mask (the view fits the
-        # layers' extent, which includes these points, so the canvas does not clip them).
-        pad = 0.04 * max(h, w)
-        yx = np.array([[-pad, (w - 1) / 2], [h - 1 + pad, (w - 1) / 2], [(h - 1) / 2, -pad], [(h - 1) / 2, w - 1 + pad]])
+        pad = 0.04 * max(h, w)  # just inside the slice's edges, where the canvas never clips them
+        yx = np.array([[pad, (w - 1) / 2], [h - 1 - pad, (w - 1) / 2], [(h - 1) / 2, pad], [(h - 1) / 2, w - 1 - pad]])
         layer = self.viewer.add_points(
             yx, name=LAYER_ORIENTATION, size=0.01, face_color="transparent", border_width=0,
             features={"letter": [top, bottom, left, right]},
             text={"string": "{letter}", "color": "yellow", "size": 14, "anchor": "center"},
             scale=self.geometry["scale"][1:], translate=self.geometry["translate"][1:])
         layer.editable = False
+        # Under the result layers: a mask at the slice's edge covers a letter, never the other way round.
+        layers = self.viewer.layers
+        layers.move(layers.index(layer), layers.index(self.labels))
         # In 3D the letters would float over the rendered object: they are for slices only.
         layer.visible = self.viewer.dims.ndisplay == 2
         self.viewer.dims.events.ndisplay.connect(self._on_ndisplay)
