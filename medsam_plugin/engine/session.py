@@ -119,6 +119,9 @@ class SegmentationSession:
         # accepted yet (label id, SlicePrediction); the propagated slices the user has reviewed.
         self.prompts: dict[int, dict] = {}
         self.pending: tuple[int, SlicePrediction] | None = None
+        # A held result that `undo` took back, with the label history's state then (`_history_mark`):
+        # `redo` brings it back while that history is unchanged (no newer change, no other undo pending).
+        self._undone_pending: tuple[int, SlicePrediction, tuple] | None = None
         self.reviewed: dict[int, set[int]] = {}
         self._propagated: dict[int, dict[int, SlicePrediction]] = {}
         # Per object: slice -> confidence / stop signals of its last propagation, and why its walks ended.
@@ -421,6 +424,7 @@ class SegmentationSession:
         accepted, or None."""
         self._require(label_id)
         kept = None
+        self._undone_pending = None  # a new result: the one undone before cannot come back
         if self.pending is not None and (self.pending[0], self.pending[1].z) != (label_id, pred.z):
             kept = self.accept_pending()
         self.pending = (label_id, pred)
@@ -437,6 +441,13 @@ class SegmentationSession:
             return None
         self.accept(label_id, pred)
         return label_id
+
+    def pending_volume_ml(self) -> dict[int, float]:
+        """{label id: mL} of the held slice result (empty when none): what a preview on screen measures."""
+        if self.pending is None:
+            return {}
+        label_id, pred = self.pending
+        return {label_id: float(np.count_nonzero(pred.mask_yx)) * self.voxel_ml}
 
     def drop_pending(self) -> bool:
         """Forget the held slice result; returns whether there was one."""
@@ -1017,18 +1028,36 @@ class SegmentationSession:
 
     @property
     def can_redo(self) -> bool:
-        return self.labels.can_redo
+        return self._redoable_pending() or self.labels.can_redo
+
+    def _history_mark(self) -> tuple:
+        """The label history's state: its last undo entry (by identity) and how many redos it holds."""
+        undo = self.labels._undo
+        return (id(undo[-1]) if undo else None, len(self.labels._redo))
+
+    def _redoable_pending(self) -> bool:
+        held = self._undone_pending
+        return (held is not None and self.pending is None and held[0] in self.labels.objects
+                and held[0] not in self.locked and held[2] == self._history_mark())
 
     def undo(self) -> str | None:
-        """Take back the last change: a held slice result first (never accepted, so no history entry),
-        then the label history (seeds, brush edits and overlaps go with it). Returns what was undone."""
+        """Take back the last change: a held slice result first (never accepted, so no history entry;
+        `redo` brings it back), then the label history (seeds, brush edits and overlaps go with it).
+        Returns what was undone."""
         if self.pending is not None:
             label_id, pred = self.pending
             self.pending = None
+            self._undone_pending = (label_id, pred, self._history_mark())
             return f"the preview of {label_id} on slice {pred.z}"
         return self.labels.undo()
 
     def redo(self) -> str | None:
+        """Re-apply what `undo` took back last: the label history's step, or the held slice result undone."""
+        if self._redoable_pending():
+            label_id, pred, _ = self._undone_pending
+            self._undone_pending = None
+            self.pending = (label_id, pred)
+            return f"the preview of {label_id} on slice {pred.z}"
         return self.labels.redo()
 
     # ------------------------------------------------------------------ export

@@ -20,6 +20,7 @@ _LAZY = {
     "REGISTRY": "registry",
     "DEFAULT_MODEL": "registry",
     "list_models": "registry",
+    "check_available": "registry",
     "infer_family": "registry",
     "file_sha256": "registry",
     "SAM_PIXEL_MEAN": "registry",

@@ -593,6 +593,100 @@ def _load_finetuned(obj: Any, path: Path, checkpoint: str | os.PathLike | None) 
     return model, spec, weights_path, ckpt["meta"]
 
 
+def _family_of_file(state: Mapping[str, torch.Tensor], path: Path) -> str:
+    """The model family of a plain state dict given by path, or ModelLoadError saying why it has none."""
+    family = infer_family(state)
+    if family is not None:
+        return family
+    parts = sorted({p for k in state for p in _PARTS if k.startswith(p)})
+    if parts and "image_encoder." not in parts:
+        raise ModelLoadError(
+            f"The file '{path}' holds only {' and '.join(p.rstrip('.') for p in parts)} weights, no image "
+            "encoder, and does not say which model they belong to. Save fine-tuned weights with "
+            "medsam_plugin.model.checkpoints.save_checkpoint, which records the base model."
+        )
+    raise ModelLoadError(
+        f"The file '{path}' is a state dict, but not of a SAM-family model this plugin knows "
+        f"(LiteMedSAM, MedSAM, SAM ViT-B/L/H); its first keys are {_summarise(list(state))}. "
+        "Give a LiteMedSAM, MedSAM or SAM checkpoint."
+    )
+
+
+def _not_a_model(key: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"'{key}' is neither a registered model ({', '.join(REGISTRY)}) nor an existing file. "
+        "Use one of those names or the path of a .pth weights file."
+    )
+
+
+def _peek_file(path: Path) -> Any:
+    """A weights file's structure without reading its tensors (memory-mapped), or `load_file`'s sentence
+    for a missing, damaged or unsafe file. A file in torch's legacy format cannot be mapped: read in full."""
+    if path.is_file():
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - the full read below words the failure, or reads a legacy file
+            pass
+    return load_file(path)
+
+
+def check_available(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | None = None,
+                    checkpoint: str | os.PathLike | None = None) -> Path:
+    """Check, cheaply, that `load_model(name_or_path, device, checkpoint)` would find usable weights.
+
+    For the moment a user picks a model (the widget, a form): no model is built and no tensor is read.
+    A registered name: its weights file is found (the package that ships it is installed, or the
+    file is bundled) and its checksum, when known, matches (about 0.1 s for LiteMedSAM, once per
+    process); a fine-tune's base is checked too. A path: the file exists and is a readable PyTorch
+    file (memory-mapped) holding SAM-family weights or a medsam_plugin checkpoint whose base is
+    available. `device`, when given, must exist here.
+
+    Returns the weights file. Raises ModelLoadError (or DeviceNotAvailableError) with the sentence
+    `load_model` would end with, saying what to do.
+    """
+    if device is not None:
+        resolve_device(device)
+    key = os.fspath(name_or_path)
+    if isinstance(name_or_path, str) and key in REGISTRY:
+        spec = REGISTRY[key]
+        weights = _registered_weights(spec, checkpoint)
+        if spec.sha256:
+            if not weights.is_file():
+                load_file(weights)  # raises the missing-file sentence
+            verify_sha256(weights, spec.sha256, spec.name)
+        obj = _peek_file(weights) if not spec.sha256 or spec.base != spec.name else None
+        if spec.base != spec.name:
+            validate_checkpoint(obj, weights)
+            check_available(spec.base)
+        elif obj is not None:
+            if is_finetuned_checkpoint(obj):
+                raise ModelLoadError(
+                    f"The file '{weights}' is a medsam_plugin fine-tuned checkpoint, not plain '{spec.name}' "
+                    "weights. Load it by its path instead of the model name.")
+            _family_of_file(_as_state_dict(obj, weights), weights)
+        return weights
+    path = Path(key).expanduser()
+    if not path.exists() and isinstance(name_or_path, str) and os.sep not in key and "." not in key:
+        raise _not_a_model(key)
+    obj = _peek_file(path)
+    if is_finetuned_checkpoint(obj):
+        ckpt = validate_checkpoint(obj, path)
+        if ckpt["base"] not in REGISTRY:
+            raise ModelLoadError(
+                f"The checkpoint '{path}' was fine-tuned from '{ckpt['base']}', which is not a registered model "
+                f"({', '.join(REGISTRY)}). Re-save it with one of those names as base.")
+        if not any(k.startswith("image_encoder.") for k in ckpt["state_dict"]):
+            try:  # only the prompt encoder and decoder: the base's weights must be there
+                check_available(ckpt["base"], checkpoint=checkpoint)
+            except ModelLoadError as exc:
+                raise ModelLoadError(
+                    f"The checkpoint '{path}' holds only part of the model (fine-tuned on top of '{ckpt['base']}') "
+                    f"and the base weights are not available: {exc}") from exc
+    else:
+        _family_of_file(_as_state_dict(obj, path), path)
+    return path
+
+
 def load_model(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
     device: str | torch.device | None = "auto",
@@ -628,29 +722,13 @@ def load_model(
     else:
         path = Path(key).expanduser()
         if not path.exists() and isinstance(name_or_path, str) and os.sep not in key and "." not in key:
-            raise ModelLoadError(
-                f"'{key}' is neither a registered model ({', '.join(REGISTRY)}) nor an existing file. "
-                "Use one of those names or the path of a .pth weights file."
-            )
+            raise _not_a_model(key)
         obj = load_file(path)
         if is_finetuned_checkpoint(obj):
             model, spec, weights, meta = _load_finetuned(obj, path, checkpoint)
         else:
             state = _as_state_dict(obj, path)
-            family = infer_family(state)
-            if family is None:
-                parts = sorted({p for k in state for p in _PARTS if k.startswith(p)})
-                if parts and "image_encoder." not in parts:
-                    raise ModelLoadError(
-                        f"The file '{path}' holds only {' and '.join(p.rstrip('.') for p in parts)} weights, no image "
-                        "encoder, and does not say which model they belong to. Save fine-tuned weights with "
-                        "medsam_plugin.model.checkpoints.save_checkpoint, which records the base model."
-                    )
-                raise ModelLoadError(
-                    f"The file '{path}' is a state dict, but not of a SAM-family model this plugin knows "
-                    f"(LiteMedSAM, MedSAM, SAM ViT-B/L/H); its first keys are {_summarise(list(state))}. "
-                    "Give a LiteMedSAM, MedSAM or SAM checkpoint."
-                )
+            family = _family_of_file(state, path)
             spec = _spec_for_file(family, path)
             model = _build_and_load(family, state, path, _FAMILY_TEXT[family])
             weights = path

@@ -32,6 +32,7 @@ META_NAMES = "medsam_label_names"  # {label id: name} (Labels layers)
 META_COLORS = "medsam_label_colors"  # {label id: (r, g, b) 0-255} (Labels layers)
 META_MODEL = "medsam_model"  # name of the model that made a Labels layer (recorded in a DICOM SEG)
 META_TRUE_AFFINE = "medsam_true_affine"  # (4, 4) exact view index (z, y, x) -> world mm, oblique included
+META_WINDOW = "medsam_window"  # (preset name, why) the scan opens in (engine.preprocessing.choose_window)
 
 # The display window (level, width) in HU of CT layers: the engine's default (abdomen) preset.
 DEFAULT_CT_WINDOW = WINDOW_PRESETS["abdomen"]
@@ -116,7 +117,11 @@ def image_layer_data(volume, axis: str = "axial", name: str | None = None) -> tu
                           META_TRUE_AFFINE: np.asarray(view.display_affine, dtype=np.float64)}
     kwargs["colormap"] = "gray"
     if volume.modality == "CT":
-        level, width = DEFAULT_CT_WINDOW
+        from ..engine.preprocessing import choose_window
+
+        chosen = choose_window(data_zyx, "CT")  # a lung CT opens in the lung window
+        kwargs["metadata"][META_WINDOW] = chosen
+        level, width = WINDOW_PRESETS.get(chosen[0], DEFAULT_CT_WINDOW)
         kwargs["contrast_limits"] = (level - width / 2.0, level + width / 2.0)
     else:
         finite = np.asarray(data_zyx[:: max(1, data_zyx.shape[0] // 16)], dtype=np.float64)

@@ -47,6 +47,16 @@ def _notify(kind: str, message: str) -> None:
      "error": notifications.show_error}[kind](message)
 
 
+def slices_phrase(zs) -> str:
+    """'slice 3' / 'slices 3–9 (7 slices)' / 'no slice' for the sorted slices a result holds."""
+    zs = list(zs)
+    if not zs:
+        return "no slice"
+    if len(zs) == 1:
+        return f"slice {zs[0]} only"
+    return f"slices {zs[0]}–{zs[-1]} ({len(zs)} slices)"
+
+
 # What the status says when a background click the model ignored was carved out by the session
 # (SegmentationSession._carve_background_click).
 CARVED_NOTE = ("the model kept the spot the background click marked, so the part of the mask round the click "
@@ -90,8 +100,10 @@ class MedSAMWidget(QWidget):
         self._loaded_models: dict[tuple[str, str], object] = {}
         self._strip_data: tuple = ({}, (), 0)  # (confidence, seeds, n slices) of the current object
         self._fit_until = 0.0  # until then (time.monotonic), a canvas resize fits the scan again
+        self._model_choice: tuple[str, str] = ("", "")  # the last (model, device) that passed the check
         self.keys = KeyBindings(self)
         self.panel = Panel(self)
+        self._model_choice = (self.model_name(), self.device_name())
         self.runner = TaskRunner(inline, on_busy=self._set_busy, on_progress=self.panel.show_progress,
                                  on_error=self._task_failed)
         layout = QVBoxLayout(self)
@@ -182,14 +194,41 @@ class MedSAMWidget(QWidget):
         if layer is None:
             return
         if layer is self.image_layer:
-            self.cancel()
-            self.session = None
-            self.image_layer = None
-            self._set_status("The scan was closed. Open another scan and press 'Use this scan'.")
+            self._close_scan()
         elif self.label_layers is not None:  # an object's overlap layer the user removed comes back when needed
             for label_id, own in list(self.label_layers.overlaps.items()):
                 if own is layer:
                     del self.label_layers.overlaps[label_id]
+
+    def _close_scan(self) -> None:
+        """The scan's image layer is gone: stop its work and take away everything shown of it.
+
+        A running task is cancelled (its callbacks see the session gone and change nothing); the
+        work done so far stays in the autosave, offered again when the scan is reopened.
+        """
+        self.cancel()
+        if self.label_layers is not None:
+            self.label_layers.close()
+        saved = self.autosave_folder is not None and self.autosave_enabled and self.session is not None \
+            and self.session.has_work
+        self.session = None
+        self.image_layer = None
+        self.current_label = None
+        self.label_layers = self.prompt_layers = None
+        self.autosave_folder = self.offered_folder = None
+        self._strip_data = ({}, (), 0)
+        for layer in list(self.viewer.layers):
+            if self._is_plugin_layer(layer):
+                self.viewer.layers.remove(layer)
+        self.panel.set_active(False)
+        self._fit_view()
+        kept = " Its work is in the autosave: open it again to restore it." if saved else ""
+        self._set_status(f"The scan was closed.{kept} Open a scan (or choose one and press 'Use this scan').")
+
+    @staticmethod
+    def _is_plugin_layer(layer) -> bool:
+        return layer.name in (LAYER_LABELS, LAYER_PENDING, LAYER_ORIENTATION, *PromptLayers.NAMES) \
+            or layer.name.startswith(LAYER_OVERLAP_PREFIX)
 
     def _volume_of(self, layer):
         """The source Volume of an image layer (from the reader), or one built from its transform."""
@@ -227,6 +266,7 @@ class MedSAMWidget(QWidget):
             layer = self.viewer.layers[name]
         try:
             volume, axis = self._volume_of(layer)
+            window_note = self._choose_window(layer, volume, axis)
             session = SegmentationSession(volume, model=self.model_name(), device=self.device_name(), axis=axis,
                                           window=self._window_for(volume.modality),
                                           loaded_model=self._loaded_models.get((self.model_name(), self.device_name())),
@@ -241,15 +281,36 @@ class MedSAMWidget(QWidget):
         self.session = session
         self.image_layer = layer
         self.panel.scan_combo.setCurrentText(layer.name)
-        if volume.modality == "MR":
-            self.panel.show_window("mr")
         self.current_label = None
         self._make_layers()
+        self.panel.set_active(True)
         session.set_overlap(self.panel.overlap_mode())  # the panel's choice holds
         self._refresh_objects()
-        self._set_status(f"Scan: {volume.describe()}. Draw a box (or click points) on a slice, then press S.")
+        self._set_status(f"Scan: {volume.describe()}.{window_note} Draw a box (or click points) on a slice, then press S.")
         self._find_autosave(layer, volume)
         return True
+
+    def _choose_window(self, layer, volume, axis) -> str:
+        """Show the window the scan opens in (`engine.preprocessing.choose_window`: lung for a lung CT,
+        the MR percentiles for MR); returns the status line's sentence on it."""
+        from ...engine.preprocessing import WINDOW_PRESETS, choose_window
+        from ...io.orientation import SliceView
+        from .._reader import META_WINDOW
+
+        modality = str(volume.modality).upper()
+        if modality != "CT":
+            self.panel.show_window("mr")
+            self.panel.set_modality(modality)
+            return ""
+        chosen = layer.metadata.get(META_WINDOW)
+        if not chosen:
+            chosen = choose_window(SliceView(volume, axis=axis).to_view(volume.data_ijk), "CT")
+        name, why = chosen
+        level, width = WINDOW_PRESETS[name]
+        self.panel.set_modality("CT")
+        self.panel.show_window(name, level, width)
+        layer.contrast_limits = (level - width / 2.0, level + width / 2.0)
+        return f" Window: {name} ({why}; change it under Intensity)."
 
     def _find_autosave(self, layer, volume) -> None:
         """Locate this scan's autosave folder, and restore or offer an autosave found there."""
@@ -283,9 +344,10 @@ class MedSAMWidget(QWidget):
 
     def _make_layers(self) -> None:
         """Create (or reset) the label and prompt layers over the session's scan."""
+        if self.label_layers is not None:
+            self.label_layers.close()
         for layer in list(self.viewer.layers):
-            if layer.name in (LAYER_LABELS, LAYER_PENDING, LAYER_ORIENTATION, *PromptLayers.NAMES) \
-                    or layer.name.startswith(LAYER_OVERLAP_PREFIX):
+            if self._is_plugin_layer(layer):
                 self.viewer.layers.remove(layer)
         geometry = dict(layer_geometry(self.session.view))
         self.label_layers = LabelLayers(self.viewer, self.session, geometry, on_new_layer=self.keys.bind)
@@ -324,12 +386,21 @@ class MedSAMWidget(QWidget):
 
     def change_model(self) -> None:
         """Use the model/device now chosen; labels, objects, seeds, stop slices and undo history are kept
-        (embeddings are not)."""
+        (embeddings are not). The choice is checked at once (`model.registry.check_available`): weights
+        that are not installed, a missing or damaged file, or a device not here are refused with a
+        sentence, and the previous choice stays."""
         s = self.session
-        if s is None or (s.model_name, s.device) == (self.model_name(), self.device_name()):
+        chosen = (self.model_name(), self.device_name())
+        if chosen == self._model_choice and (s is None or (s.model_name, s.device) == chosen):
             return
         if self._busy():
             _notify("warning", "The model can change once the running work ends (or press Cancel).")
+            self.panel.show_model(*self._model_choice)
+            return
+        if not self._check_model(*chosen):
+            return
+        self._model_choice = chosen
+        if s is None or (s.model_name, s.device) == chosen:
             return
         self._sync_paint()
         self._keeping_layers(s.accept_pending)  # a preview of the old model is kept as the user saw it
@@ -337,6 +408,21 @@ class MedSAMWidget(QWidget):
                     loaded_model=self._loaded_models.get((self.model_name(), self.device_name())))
         self._refresh_objects()
         self._set_status(f"Model {self.model_name()} on {self.device_name()}: it loads with the next segmentation.")
+
+    def _check_model(self, name: str, device: str) -> bool:
+        """Whether the model and device chosen can be used; if not, say why and show the last good choice."""
+        from ...model.registry import check_available
+
+        try:
+            check_available(name, device=device)
+        except Exception as exc:  # ModelLoadError / DeviceNotAvailableError: their sentence says what to do
+            previous = self._model_choice
+            self.panel.show_model(*previous)
+            text = f"Model '{name}' on {device} cannot be used: {exc} Still using '{previous[0]}' on {previous[1]}."
+            self._set_status(text)
+            _notify("warning", text)
+            return False
+        return True
 
     def _window_for(self, modality: str = "CT"):
         """The window the panel asks for, as the session takes it: a preset name, (level, width) or "mr"."""
@@ -372,8 +458,9 @@ class MedSAMWidget(QWidget):
             return
         s = self.session
         hidden = self.label_layers.hidden if self.label_layers else set()
-        volumes = s.volumes_ml()
-        rows = [(k, o.name, o.color, volumes[k], k in s.locked, k in hidden) for k, o in sorted(s.labels.objects.items())]
+        volumes, previews = s.volumes_ml(), s.pending_volume_ml()
+        rows = [(k, o.name, o.color, volumes[k], k in s.locked, k in hidden, previews.get(k))
+                for k, o in sorted(s.labels.objects.items())]
         self.panel.show_objects(rows, self.current_label)
         if self.label_layers is not None:
             self.label_layers.set_colors(self.current_label, self.model_name())
@@ -683,9 +770,17 @@ class MedSAMWidget(QWidget):
 
     @staticmethod
     def _load_model_first(session, steps: int):
-        """Progress for loading the model (in the worker thread), when it is not loaded yet."""
+        """Progress for loading the model (in the worker thread), when it is not loaded yet.
+
+        With the session's `prepare` (the engine's hook), its reports pass through as they are: a slow
+        one-time step (the fast encoder's conversion) says so, with an estimate, in the panel.
+        """
         from ...engine.propagation import Progress
 
+        prepare = getattr(session, "prepare", None)
+        if prepare is not None:
+            yield from prepare()
+            return
         if not session.model_loaded:
             yield Progress(0, steps, f"loading model {session.model_name}")
             session.predictor  # noqa: B018 (loads the model in this thread)
@@ -707,6 +802,13 @@ class MedSAMWidget(QWidget):
         if points_yx is None and box is None:
             _notify("warning", f"Slice {z} has no prompt: draw a box around the structure (Box tool) or click "
                                "inside it (+ Point tool), then press S.")
+            return None
+        if box_note == "tiny":
+            self.prompt_layers.drop_tiny_boxes(z)
+            text = ("The box tool needs a drag: press on one corner of the structure, hold and drag to the "
+                    "opposite corner, then press S (for a click prompt, use + Point).")
+            self._set_status(text)
+            _notify("warning", text)
             return None
         if box_note == "outside":
             _notify("warning", f"The box on slice {z} lies (almost) outside the image: draw it around the "
@@ -737,7 +839,7 @@ class MedSAMWidget(QWidget):
             self._remember_model()
             self._keeping_layers(session.hold_pending, label_id, pred)  # a preview elsewhere is kept
             self.label_layers.show_pending_slice(z, label_id, pred.mask_yx, only=True)
-            self._refresh_history()
+            self._refresh_objects()  # the list measures the preview too
             self._autosave()  # the object in progress survives a crash
             dt = time.perf_counter() - t0
             self.timings["segment_s"].append(dt)
@@ -745,8 +847,11 @@ class MedSAMWidget(QWidget):
             clipped = " (the box was clipped to the image)" if box_note == "clipped" else ""
             if (pred.prompt or {}).get("carved"):
                 clipped += f" ({CARVED_NOTE})"
+            from ...engine.advice import weak_answer_note
+
+            unsure = weak_answer_note(pred.iou, had_box=box is not None)
             self._set_status(f"Slice {z} {what}{clipped} ({int(pred.mask_yx.sum())} px, predicted IoU {pred.iou:.2f}, "
-                             f"{dt * 1000:.0f} ms). A accepts, P propagates, more clicks refine.")
+                             f"{dt * 1000:.0f} ms). " + (unsure or "A accepts, P propagates, more clicks refine."))
             if correction and session.was_propagated(label_id) and self.panel.repropagate_check.isChecked():
                 session.drop_pending()  # `correct` takes it as the correction's seed
                 from qtpy.QtCore import QTimer
@@ -848,9 +953,8 @@ class MedSAMWidget(QWidget):
             if result is None:  # a correction on an object the session had not propagated: the slice only
                 self._set_status((carved or f"Slice {correction.z} corrected. ") + "Propagate with P.")
                 return
-            zs = result.slices
             why = "; ".join(f"{k}: {v}" for k, v in result.stopped.items())
-            self._set_status(f"{carved}Propagated to slices {zs[0]}–{zs[-1]} ({len(zs)} slices). {why}. "
+            self._set_status(f"{carved}Propagated to {slices_phrase(result.slices)}. {why}. "
                              f"{self._commit_note(label_id)}Click points on a slice to correct it (S), or paint.")
 
         def finish(cancelled):

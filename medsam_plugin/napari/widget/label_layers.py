@@ -96,7 +96,24 @@ class LabelLayers:
             text={"string": "{letter}", "color": "yellow", "size": 14, "anchor": "center"},
             scale=self.geometry["scale"][1:], translate=self.geometry["translate"][1:])
         layer.editable = False
+        # Under the result layers: a mask at the slice's edge covers a letter, never the other way round.
+        layers = self.viewer.layers
+        layers.move(layers.index(layer), layers.index(self.labels))
+        # In 3D the letters would float over the rendered object: they are for slices only.
+        layer.visible = self.viewer.dims.ndisplay == 2
+        self.viewer.dims.events.ndisplay.connect(self._on_ndisplay)
         return layer
+
+    def _on_ndisplay(self, event=None) -> None:
+        if self.orientation in self.viewer.layers:
+            self.orientation.visible = self.viewer.dims.ndisplay == 2
+
+    def close(self) -> None:
+        """Stop following the viewer (the scan is closed or its layers are made anew)."""
+        try:
+            self.viewer.dims.events.ndisplay.disconnect(self._on_ndisplay)
+        except Exception:  # already disconnected
+            pass
 
     # ------------------------------------------------------------------ showing the session
     def show(self) -> None:

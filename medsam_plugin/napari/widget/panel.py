@@ -30,7 +30,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ...engine.preprocessing import WINDOW_PRESETS
+from ...engine.preprocessing import MR_PERCENTILES, WINDOW_PRESETS
 from ...model.defaults import DEFAULT_MODEL
 from .keys import shortcuts_text
 from .strip import ConfidenceStrip
@@ -68,6 +68,9 @@ class Panel(QWidget):
         self.controller = controller
         self._history = (False, False)  # (can undo, can redo), applied whenever the panel is not busy
         self._busy = False
+        self._active = False  # a scan is open in a session: the actions have something to act on
+        self._countdown: tuple[str, float] | None = None  # (message, expected end) of a slow one-time step
+        self._countdown_timer = None
         c = controller
         root = QVBoxLayout(self)
 
@@ -108,17 +111,31 @@ class Panel(QWidget):
             spin.setRange(-4000.0, 6000.0)
             spin.setValue(value)
             spin.setEnabled(False)
+            spin.setDecimals(0)  # Hounsfield units are whole numbers
+            spin.setSuffix(" HU")
         self.width_spin.setMinimum(1.0)
         self.window_combo.currentTextChanged.connect(self._on_window_choice)
         self.level_spin.editingFinished.connect(lambda: c.set_window("custom"))
         self.width_spin.editingFinished.connect(lambda: c.set_window("custom"))
-        row = QHBoxLayout()
-        row.addWidget(self.window_combo, 1)
-        row.addWidget(QLabel("L"))
-        row.addWidget(self.level_spin)
-        row.addWidget(QLabel("W"))
-        row.addWidget(self.width_spin)
-        form.addRow("Intensity", row)
+        form.addRow("Intensity", self.window_combo)
+        # Level and width on a row of their own, so the dock's default width shows them whole; an MR
+        # scan shows what it is scaled by instead (its percentiles: no HU values apply).
+        self.ct_fields = QWidget()
+        row = QHBoxLayout(self.ct_fields)
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(QLabel("level"))
+        row.addWidget(self.level_spin, 1)
+        row.addWidget(QLabel("width"))
+        row.addWidget(self.width_spin, 1)
+        self.mr_note = QLabel(f"MR: each scan scaled by its {MR_PERCENTILES[0]:g}–{MR_PERCENTILES[1]:g} "
+                              "percentiles of non-zero voxels")
+        self.mr_note.setWordWrap(True)
+        self.mr_note.setVisible(False)
+        fields = QVBoxLayout()
+        fields.setContentsMargins(0, 0, 0, 0)
+        fields.addWidget(self.ct_fields)
+        fields.addWidget(self.mr_note)
+        form.addRow("", fields)
         root.addWidget(scan)
 
         # ------------------------------------------------------------ objects
@@ -246,6 +263,7 @@ class Panel(QWidget):
         self.setToolTip(f"Keyboard shortcuts — {shortcuts_text()}")
         root.addStretch(1)
         self.show_history(False, False)
+        self.set_active(False)
 
     # ------------------------------------------------------------ settings the user chose
     def model_name(self) -> str:
@@ -254,12 +272,38 @@ class Panel(QWidget):
     def device_name(self) -> str:
         return self.device_combo.currentText()
 
+    def show_model(self, name: str, device: str) -> None:
+        """Show a model and device choice without calling back (a refused choice goes back to the last good one)."""
+        for combo, text in ((self.model_combo, name), (self.device_combo, device)):
+            edit = combo.lineEdit()
+            combo.blockSignals(True)
+            if edit is not None:
+                edit.blockSignals(True)
+            try:
+                index = combo.findText(text)
+                if index >= 0:
+                    combo.setCurrentIndex(index)
+                if edit is not None:
+                    combo.setEditText(text)
+            finally:
+                if edit is not None:
+                    edit.blockSignals(False)
+                combo.blockSignals(False)
+
     def window_choice(self):
         """The window chosen: a preset name, "mr", or (level, width) for "custom"."""
         choice = self.window_combo.currentText()
         if choice == "custom":
             return (self.level_spin.value(), self.width_spin.value())
         return choice
+
+    def set_modality(self, modality: str) -> None:
+        """CT: the window presets and their level/width in HU. MR: the percentiles the scan is scaled by,
+        and no CT window to choose."""
+        mr = str(modality).upper() != "CT"
+        self.window_combo.setEnabled(not mr)
+        self.ct_fields.setVisible(not mr)
+        self.mr_note.setVisible(mr)
 
     def show_window(self, choice: str, level: float | None = None, width: float | None = None) -> None:
         """Show a window choice (and its level/width) without calling back."""
@@ -297,15 +341,19 @@ class Panel(QWidget):
 
     # ------------------------------------------------------------ objects
     def show_objects(self, rows, current: int | None) -> None:
-        """The object list: rows of (label id, name, (r, g, b), volume in mL, locked, hidden)."""
+        """The object list: rows of (label id, name, (r, g, b), volume in mL, locked, hidden, mL of the preview
+        on screen or None)."""
         self.object_list.blockSignals(True)
         try:
             self.object_list.clear()
-            for label_id, name, color, ml, locked, hidden in rows:
+            for label_id, name, color, ml, locked, hidden, preview in rows:
                 lock = " · locked" if locked else ""
-                item = QListWidgetItem(swatch(color), f"{name}{VOLUME_SUFFIX}{ml:.1f} mL{lock}")
+                shown = f" · preview {preview:.1f} mL" if preview is not None else ""
+                item = QListWidgetItem(swatch(color), f"{name}{VOLUME_SUFFIX}{ml:.1f} mL{shown}{lock}")
                 item.setData(Qt.UserRole, label_id)
-                item.setToolTip(f"label id {label_id}; {ml:.2f} mL")
+                item.setToolTip(f"label id {label_id}; {ml:.2f} mL accepted"
+                                + (f"; the slice result not accepted yet: {preview:.2f} mL (A accepts it)"
+                                   if preview is not None else ""))
                 item.setFlags(item.flags() | Qt.ItemIsEditable | Qt.ItemIsUserCheckable)
                 item.setCheckState(Qt.Unchecked if hidden else Qt.Checked)
                 self.object_list.addItem(item)
@@ -329,32 +377,58 @@ class Panel(QWidget):
     def set_status(self, text: str) -> None:
         self.status.setText(text)
 
+    def set_active(self, active: bool) -> None:
+        """A scan is open (the actions on) or none is (the actions off, and nothing of a closed scan shown)."""
+        self._active = bool(active)
+        if not active:
+            self.object_list.blockSignals(True)
+            self.object_list.clear()
+            self.object_list.blockSignals(False)
+            self.review_label.setText("Propagate an object to see how sure each slice is.")
+            self.confidence_strip.clear_strip()
+            self.offer_restore(None)
+            self._history = (False, False)
+        self._enable_actions()
+
+    def _enable_actions(self) -> None:
+        on = self._active and not self._busy
+        for b in self.buttons.values():
+            b.setEnabled(on)
+        self.precompute_btn.setEnabled(on)
+        self.export_btn.setEnabled(on)
+        if on:
+            self.show_history(*self._history)
+
     def set_busy(self, busy: bool, description: str = "") -> None:
         """While long work runs: its progress bar and Cancel on, the actions off."""
         self._busy = busy
         self.progress.setVisible(busy)
         self.progress_label.setVisible(busy)
         self.cancel_btn.setEnabled(busy)
-        for b in self.buttons.values():
-            b.setEnabled(not busy)
-        self.precompute_btn.setEnabled(not busy)
-        self.export_btn.setEnabled(not busy)
+        self._enable_actions()
+        if not busy:
+            self._stop_countdown()
         if busy:
             self.progress.setRange(0, 0)
             self.progress_label.setText(description)
             self.set_status(f"{description}… (Cancel stops it; nothing is changed until it finishes)")
-        else:
-            self.show_history(*self._history)
 
     def show_history(self, can_undo: bool, can_redo: bool) -> None:
         """Undo and Redo are greyed out when there is nothing to take back or to redo."""
         self._history = (bool(can_undo), bool(can_redo))
-        if not self._busy:
+        if self._active and not self._busy:
             self.buttons["undo"].setEnabled(self._history[0])
             self.buttons["redo"].setEnabled(self._history[1])
 
     def show_progress(self, progress, started: float) -> None:
-        """The bar: slices done of about how many, and the time left at the pace so far."""
+        """The bar: slices done of about how many, and the time left at the pace so far. A slow one-time
+        step (`Progress.kind == "prepare"`, e.g. converting the fast encoder) shows its own message in
+        the status line, with its estimate counted down."""
+        self._stop_countdown()
+        if getattr(progress, "kind", "work") == "prepare":
+            self._show_prepare(str(getattr(progress, "message", "") or "Preparing the model..."),
+                               getattr(progress, "estimate_s", None))
+            return
         done, total = getattr(progress, "done", None), getattr(progress, "total", None)
         if done is None or not total:
             return
@@ -366,6 +440,33 @@ class Panel(QWidget):
         # the engine's message names the slice ("slice 19"); the count is of slices to visit
         self.progress_label.setText(f"{getattr(progress, 'message', '') or 'working'}: {int(done)} of "
                                     f"~{int(total)} slices{eta}")
+
+    def _show_prepare(self, message: str, estimate_s: float | None) -> None:
+        self.progress.setRange(0, 0)  # a busy bar: the step reports no fraction
+        self.set_status(f"{message} The panel goes on by itself when it is done; Cancel stops it.")
+        self.progress_label.setText(message)
+        if estimate_s:
+            from qtpy.QtCore import QTimer
+
+            self._countdown = (message, time.perf_counter() + float(estimate_s))
+            if self._countdown_timer is None:
+                self._countdown_timer = QTimer(self)
+                self._countdown_timer.timeout.connect(self._tick_countdown)
+            self._countdown_timer.start(1000)
+            self._tick_countdown()
+
+    def _tick_countdown(self) -> None:
+        if self._countdown is None:
+            return
+        message, end = self._countdown
+        left = end - time.perf_counter()
+        self.progress_label.setText(f"{message} about {left:.0f} s left" if left >= 1
+                                    else f"{message} taking longer than estimated, still working")
+
+    def _stop_countdown(self) -> None:
+        self._countdown = None
+        if self._countdown_timer is not None:
+            self._countdown_timer.stop()
 
     # ------------------------------------------------------------ autosave offer
     def offer_restore(self, text: str | None) -> None:

@@ -14,6 +14,7 @@ LAYER_FG = "MedSAM + points"
 LAYER_BG = "MedSAM - points"
 LAYER_BOX = "MedSAM boxes"
 BOX_STYLE = dict(edge_color="yellow", face_color="transparent", edge_width=1.5)
+POINT_STYLE = dict(face_color="transparent", size=5, border_width=0.22, border_width_is_relative=True)
 
 
 def prompts_on_slice(fg_data, bg_data, box_data, z: int, shape_hw):
@@ -25,9 +26,10 @@ def prompts_on_slice(fg_data, bg_data, box_data, z: int, shape_hw):
         z: the slice (view frame). shape_hw: (rows, cols) of a slice.
     Returns:
         (points_yx (N, 2) or None, point_labels (N,) 1/0 or None, box_xyxy float32 or None, note):
-        the latest box on the slice wins, clipped to the image; `note` is "outside" when the
-        clipped box is under 2 pixels wide or high (it lay off the image), "clipped" when it was
-        cut, else None. Points off the image are dropped.
+        the latest box on the slice wins, clipped to the image; `note` is "tiny" when the box as
+        drawn is under 2 pixels wide or high (a click with the box tool, without a drag),
+        "outside" when only the clipped box is (it lay off the image), "clipped" when it was cut,
+        else None. Points off the image are dropped.
     """
     h, w = (int(v) for v in shape_hw)
     pts, labs = [], []
@@ -46,7 +48,12 @@ def prompts_on_slice(fg_data, bg_data, box_data, z: int, shape_hw):
             y0, y1 = np.clip([raw[1], raw[3]], 0, h - 1)
             x0, x1 = np.clip([raw[0], raw[2]], 0, w - 1)
             box = np.array([x0, y0, x1, y1], dtype=np.float32)
-            note = "outside" if (x1 - x0 < 2 or y1 - y0 < 2) else ("clipped" if not np.allclose(raw, box) else None)
+            if raw[2] - raw[0] < 2 or raw[3] - raw[1] < 2:
+                note = "tiny"  # a click with the box tool, no drag: nothing to segment in
+            elif x1 - x0 < 2 or y1 - y0 < 2:
+                note = "outside"
+            else:
+                note = "clipped" if not np.allclose(raw, box) else None
     if len(points_yx):
         inside = (points_yx[:, 0] >= 0) & (points_yx[:, 0] <= h - 1) & (points_yx[:, 1] >= 0) & (points_yx[:, 1] <= w - 1)
         points_yx, labels = points_yx[inside], labels[inside]
@@ -62,8 +69,9 @@ class PromptLayers:
         self.viewer = viewer
         self.shape_hw = tuple(int(v) for v in shape_zyx[1:])
         self.box = viewer.add_shapes(ndim=3, name=LAYER_BOX, **BOX_STYLE, **geometry)
-        self.bg = viewer.add_points(ndim=3, name=LAYER_BG, face_color="red", size=6, border_color="white", **geometry)
-        self.fg = viewer.add_points(ndim=3, name=LAYER_FG, face_color="lime", size=6, border_color="white", **geometry)
+        # Rings, not discs: a click inside a small lesion must not hide the lesion it marks.
+        self.bg = viewer.add_points(ndim=3, name=LAYER_BG, **POINT_STYLE, border_color="red", **geometry)
+        self.fg = viewer.add_points(ndim=3, name=LAYER_FG, **POINT_STYLE, border_color="lime", **geometry)
         for layer in self.layers:
             layer.projection_mode = "none"  # a prompt shows on its own slice only
 
@@ -107,6 +115,16 @@ class PromptLayers:
             data = np.asarray(layer.data).reshape(-1, 3)
             layer.data = data[np.round(data[:, 0]).astype(int) != z]
         self._set_boxes([s for s in self.box.data if not np.all(np.round(np.asarray(s)[:, 0]).astype(int) == z)])
+
+    def drop_tiny_boxes(self, z: int) -> None:
+        """Remove the boxes on slice z under 2 pixels wide or high (clicks with the box tool)."""
+        def tiny(shape):
+            a = np.asarray(shape, dtype=np.float64)
+            return np.all(np.round(a[:, 0]).astype(int) == z) and min(np.ptp(a[:, 1]), np.ptp(a[:, 2])) < 2
+
+        if any(tiny(b) for b in self.box.data):
+            self._set_boxes([b for b in self.box.data if not tiny(b)])
+            self.box.mode = "add_rectangle"
 
     def activate_box_tool(self) -> None:
         self.viewer.layers.selection.active = self.box

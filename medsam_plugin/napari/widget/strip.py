@@ -69,6 +69,13 @@ class ConfidenceStrip(QLabel):
         self.image, self.n_slices = image, n_slices
         self.setPixmap(QPixmap.fromImage(image))
 
+    def clear_strip(self) -> None:
+        """No scan: an empty strip that no click acts on."""
+        self.image, self.n_slices = None, 0
+        blank = QPixmap(STRIP_WIDTH, STRIP_HEIGHT)
+        blank.fill(STRIP_EMPTY)
+        self.setPixmap(blank)
+
     def mousePressEvent(self, event):  # noqa: N802 (Qt name)
         if self.n_slices:
             x = event.pos().x()
