@@ -177,4 +177,3 @@ def test_the_box_only_model_is_flagged_as_such():
 
     assert not REGISTRY["lite_medsam"].reads_points and not REGISTRY["lite_medsam"].reads_masks
     assert REGISTRY["medsam_interactive"].reads_points and REGISTRY["medsam_interactive"].reads_masks
-
