@@ -575,12 +575,14 @@ class SegmentationSession:
     # ------------------------------------------------------------------ one slice
     def segment_slice(self, label_id: int, z: int, points_yx=None, point_labels=None, box_xyxy=None,
                       use_current_mask: bool = False, multimask: bool | None = None,
-                      commit: bool = True) -> SlicePrediction:
+                      commit: bool = True, cancel: threading.Event | None = None) -> SlicePrediction:
         """Segment object `label_id` on slice z from the user's prompts and make it a seed.
 
         use_current_mask: also give the object's current result on this slice as a dense prompt
             (for corrections: clicks refine what is there instead of starting over).
         multimask: None picks SAM's rule: several candidates for a lone point, one otherwise.
+        cancel: when set, PropagationCancelled is raised at the next step (after encoding the slice,
+            between the click's refining passes) and nothing changes.
         """
         self._require(label_id)
         n_points = 0 if points_yx is None else len(np.asarray(points_yx).reshape(-1, 2))
@@ -609,7 +611,15 @@ class SegmentationSession:
                 and getattr(spec, "reads_masks", False) and box_xyxy is None \
                 and np.any(np.asarray(point_labels).reshape(-1) == 1):
             beyond = self._nearest_result(label_id, z)
+        from .propagation import check_cancel
+
+        what = f"Segmenting slice {z}"
         with self._lock:
+            check_cancel(cancel, what)
+            encode = getattr(self.predictor, "ensure_embedding", None)
+            if encode is not None:
+                encode(z)  # the long step; a cancel pressed meanwhile acts before the decoder
+                check_cancel(cancel, what)
             if beyond is not None:
                 pred = self._answer_beyond_walk(z, points_yx, point_labels, beyond, refine)
                 refine = 0
@@ -619,10 +629,12 @@ class SegmentationSession:
                 pred = self.predictor.predict(z, points_yx=points_yx, point_labels=point_labels, box_xyxy=box_xyxy,
                                               mask_logits_256=mask_logits, multimask=multimask)
             for _ in range(refine):
+                check_cancel(cancel, what)
                 answer = self.predictor.predict(z, points_yx=points_yx, point_labels=point_labels,
                                                 mask_logits_256=pred.logits_256, multimask=False)
                 # The prompt the user gave is what the slice remembers (and a correction builds on).
                 pred = dataclasses.replace(answer, prompt={**answer.prompt, "mask": False})
+        check_cancel(cancel, what)
         if commit:
             self.accept(label_id, pred)
         return pred
@@ -648,9 +660,10 @@ class SegmentationSession:
         rows = np.clip(np.rint(points[:, 0]).astype(int), 0, h - 1)
         cols = np.clip(np.rint(points[:, 1]).astype(int), 0, w - 1)
         best, best_key = None, None
-        for pts, lbs, box, lg in asks:
-            answer = self.predictor.predict(z, points_yx=pts, point_labels=lbs, box_xyxy=box, mask_logits_256=lg,
-                                            multimask=False)
+        # One decoder call for all the ways (issue 21: asked one by one, a correction took 3-4 box re-prompts).
+        answers = self.predictor.predict_many(z, [dict(points_yx=pts, point_labels=lbs, box_xyxy=box, mask_logits_256=lg)
+                                                  for pts, lbs, box, lg in asks])
+        for answer in answers:
             honoured = _clicks_honoured(answer.mask_yx, rows, cols, labels)
             key = (-honoured, int((answer.mask_yx ^ previous.mask_yx).sum()))
             if best_key is None or key < best_key:

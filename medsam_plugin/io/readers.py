@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import ImageReadError, LabelMismatchError
+from .geometry import lps_to_ras_affine, ras_to_lps_geometry  # noqa: F401  (re-exported)
 from .formats import IMAGE_SUFFIXES, NIFTI_SUFFIXES, SITK_SUFFIXES, as_label_array, matching_suffix
 from .volume import Volume, guess_modality
 
@@ -41,36 +43,6 @@ _SOP_INSTANCE_UID_TAG = "0008|0018"
 _IMAGE_POSITION_TAG = "0020|0032"
 # Series of these modalities hold no image volume (segmentations, structure sets, reports...).
 NON_IMAGE_MODALITIES = ("SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "SR", "PR", "KO", "REG")
-
-
-class ImageReadError(Exception):
-    """A volume or label map could not be read; the message says which file, why, and what to do."""
-
-
-class LabelMismatchError(ImageReadError):
-    """A label map does not fit its reference image (shape or voxel-to-world geometry differ)."""
-
-
-# -- geometry conversions -------------------------------------------------------------------
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-def lps_to_ras_affine(origin_lps, spacing, direction_lps) -> np.ndarray:
-    """ITK geometry (origin, spacing along i,j,k, row-major 3x3 direction; LPS) -> 4x4 RAS affine."""
-    direction = np.asarray(direction_lps, dtype=np.float64).reshape(3, 3)
-    aff_lps = np.eye(4)
-    aff_lps[:3, :3] = direction * np.asarray(spacing, dtype=np.float64)[None, :]
-    aff_lps[:3, 3] = np.asarray(origin_lps, dtype=np.float64)
-    return _LPS_TO_RAS @ aff_lps
-
-
-def ras_to_lps_geometry(affine_ras: np.ndarray) -> tuple[tuple, tuple, tuple]:
-    """4x4 RAS affine -> ITK (origin, spacing, direction) in LPS, as SimpleITK setters expect."""
-    aff_lps = _LPS_TO_RAS @ np.asarray(affine_ras, dtype=np.float64)
-    m = aff_lps[:3, :3]
-    spacing = np.sqrt((m**2).sum(axis=0))
-    direction = m / spacing[None, :]
-    return tuple(aff_lps[:3, 3].tolist()), tuple(spacing.tolist()), tuple(direction.reshape(-1).tolist())
 
 
 # -- format detection -----------------------------------------------------------------------
