@@ -8,6 +8,7 @@ OpenVINO is installed, is converted once into a temporary cache and checked agai
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -186,6 +187,40 @@ def test_openvino_imported_first_still_sends_nothing_through_this_tool():
     assert out == ["openvino.tools.ovc.telemetry_stub", "openvino.tools.ovc.telemetry_stub", "False"]
 
 
+def _home_after(code: str, home) -> list[str]:
+    """The files under `home` after a fresh interpreter with HOME=`home` ran `code`."""
+    import os
+    import subprocess
+    import sys
+
+    _require_openvino()
+    env = {**os.environ, "HOME": str(home)}
+    env.pop("CI", None)  # OpenVINO's telemetry is off on CI machines anyway: test the user's case
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
+    return sorted(str(p.relative_to(home)) for p in home.rglob("*") if p.is_file())
+
+
+def test_importing_medsam_plugin_first_keeps_openvino_from_reporting(tmp_path):
+    """Issue 21: `import openvino` sends an analytics request and writes ~/intel/openvino_ga_cid.
+    medsam_plugin imported first hides the telemetry package, so OpenVINO imported afterwards
+    (by the user, or by this tool) writes and sends nothing."""
+    assert _home_after("import medsam_plugin, openvino, openvino.tools.ovc", tmp_path) == []
+
+
+def test_the_readmes_opt_out_silences_openvino_imported_first(tmp_path):
+    """`import openvino, medsam_plugin`: OpenVINO's import runs before any code of this project, which
+    cannot stop it; the README gives OpenVINO's own opt-out (its consent file), which does."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert "printf 0 > ~/intel/openvino_telemetry" in readme
+    first = tmp_path / "first"
+    first.mkdir()
+    assert "intel/openvino_ga_cid" in _home_after("import openvino, medsam_plugin", first)  # what the README is for
+    opted = tmp_path / "opted"
+    (opted / "intel").mkdir(parents=True)
+    (opted / "intel" / "openvino_telemetry").write_text("0")
+    assert _home_after("import openvino, medsam_plugin", opted) == ["intel/openvino_telemetry"]
+
+
 def test_a_damaged_cached_openvino_model_is_removed_and_not_used(tmp_path, caplog):
     """The IR cache checks itself: files that differ from the checksums recorded at conversion (here
     a zeroed block of weights, which OpenVINO would still load) are removed, so the model is converted
@@ -217,7 +252,7 @@ def _require_openvino() -> None:
 
 
 def test_the_openvino_body_is_the_encoder_in_another_layout(lite_medsam):
-    """What OpenVINO traces (channels-last in, 4-D permutes, split qkv) computes the encoder's maths."""
+    """What OpenVINO converts (channels-last in, 4-D permutes, split qkv) computes the encoder's maths."""
     encoder = lite_medsam.sam.image_encoder
     x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():

@@ -309,13 +309,20 @@ class StopRules:
 
 @dataclass
 class Progress:
-    """One step of long work: `done` of about `total` steps; `z` and `prediction` when a slice ended."""
+    """One step of long work: `done` of about `total` steps; `z` and `prediction` when a slice ended.
+
+    kind: "work" (a slice, a batch...) or "prepare": a slow one-time step before the work, whose
+        `message` a front end should show as it is (e.g. "Preparing the fast encoder (one time,
+        about 60 s)...", `SegmentationSession.prepare`); `estimate_s` then says how long it should take.
+    """
 
     done: int
     total: int
     message: str = ""
     z: int | None = None
     prediction: SlicePrediction | None = None
+    kind: str = "work"
+    estimate_s: float | None = None
 
 
 @dataclass

@@ -28,7 +28,7 @@ from .labels import LabelVolume, SegmentedObject
 from .predictor import SlicePrediction, SlicePredictor
 from .preprocessing import normalize_volume, parse_window
 from .propagation import (DEFAULT_CANDIDATES, DEFAULT_MODE, Progress, PropagationResult, SliceSignals, StopRules,
-                          propagate)
+                          propagate, run_to_completion)
 
 log = logging.getLogger(__name__)
 
@@ -158,20 +158,47 @@ class SegmentationSession:
 
     @property
     def predictor(self) -> SlicePredictor:
-        """The predictor, loading the model on first use."""
-        with self._lock:
-            if self._predictor is None:
+        """The predictor, loading the model on first use (`prepare` does the same and says so)."""
+        return run_to_completion(self.prepare())
+
+    def prepare(self) -> Generator[Progress, None, SlicePredictor]:
+        """Load the model and build its encoder path unless done already; returns the predictor.
+
+        Yields Progress of kind "prepare" before each slow step: "Loading the model ...", and, when
+        the fast encoder must first be converted for OpenVINO (once per weights and OpenVINO
+        version; the result is cached), "Preparing the fast encoder (one time, about N s)..." with
+        `estimate_s`, then a last Progress when it is ready. A front end runs this before the first
+        prompt (the CLI prints the messages; the widget shows them in its status line) so that no
+        long wait is silent. Nothing is yielded when the predictor exists already.
+        """
+        if self._predictor is not None:
+            return self._predictor
+        from ..model.fast import make_encoder, pending_conversion_s
+
+        # The lock is never held across a yield: a caller may drop this generator half-way.
+        if self._loaded is None:
+            yield Progress(0, 2, f"Loading the model {self.model_name}...", kind="prepare")
+            with self._lock:
                 if self._loaded is None:
                     from ..model.registry import load_model
 
                     self._loaded = load_model(self.model_name, device=self.device)
                     log.info("model %s on %s", self._loaded.spec.name, self._loaded.device)
-                from ..model.fast import make_encoder
-
-                encoder = make_encoder(self._loaded)
-                self._predictor = SlicePredictor(self._loaded, cache=self._cache, encoder=encoder)
-                self._predictor.set_volume(self.image_u8)
-            return self._predictor
+        seconds = pending_conversion_s(self._loaded) if self._predictor is None else None
+        if seconds is not None:
+            yield Progress(1, 2, f"Preparing the fast encoder (one time, about {seconds:.0f} s)...",
+                           kind="prepare", estimate_s=seconds)
+        notes: list[str] = []
+        with self._lock:
+            if self._predictor is None:
+                encoder = make_encoder(self._loaded, on_progress=lambda message, _: notes.append(message))
+                predictor = SlicePredictor(self._loaded, cache=self._cache, encoder=encoder)
+                predictor.set_volume(self.image_u8)
+                self._predictor = predictor
+            predictor = self._predictor
+        if seconds is not None:
+            yield Progress(2, 2, notes[-1] if notes else "The model is ready.", kind="prepare")
+        return predictor
 
     @property
     def loaded_model(self):
@@ -198,7 +225,7 @@ class SegmentationSession:
 
         batch_size: None lets the encoder path choose (8 with OpenVINO or CUDA, 1 for torch on CPU, as measured).
         """
-        predictor = self.predictor
+        predictor = yield from self.prepare()
         zs = list(range(self.shape_zyx[0])) if zs is None else list(zs)
         todo = [z for z in zs if not predictor.has_embedding(z)]
         yield Progress(0, len(todo), "encoding slices")
