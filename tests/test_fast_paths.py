@@ -265,19 +265,42 @@ def test_the_openvino_body_is_the_encoder_in_another_layout(lite_medsam):
 
 
 def test_openvino_f32_path_gives_the_fp32_embedding_and_mask(lite_medsam, spleen_slice, tmp_path):
+    """Converted with `torch.export` (issue 21: not `torch.jit.trace`, which torch deprecates), said
+    aloud with an estimate, kept for later runs, and the encoder's fp32 embedding of real slices."""
+    import warnings
+
+    from medsam_plugin.engine.preprocessing import slices_to_model_input
+
     _require_openvino()
-    path = fast.build_path(lite_medsam, "openvino-f32", cache_dir=tmp_path)
+    assert fast.pending_conversion_s(lite_medsam, "openvino-f32", tmp_path) == fast.DEFAULT_CONVERSION_S
+    said = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = fast.build_path(lite_medsam, "openvino-f32", cache_dir=tmp_path,
+                               on_progress=lambda message, seconds: said.append((message, seconds)))
+    assert not [str(w.message) for w in caught if "jit" in str(w.message)]
+    assert said[0] == (f"Preparing the fast encoder (one time, about {fast.DEFAULT_CONVERSION_S:.0f} s)...",
+                       fast.DEFAULT_CONVERSION_S)
+    assert said[-1][0].startswith("The fast encoder is ready") and "for later runs" in said[-1][0]
     assert path.converted and list(tmp_path.glob("openvino/*.xml"))
-    kept = sorted(p.name[p.name.index("."):] for p in (tmp_path / "openvino").iterdir())
+    kept = sorted(p.name[p.name.index("."):] for p in (tmp_path / "openvino").glob("tiny_vit_*"))
     assert kept == [".bin", ".sha256.json", ".xml"]  # written as one set, nothing left behind
+    assert not [p for p in (tmp_path / "openvino").iterdir() if ".tmp" in p.name]
+    # The next conversion on this machine is announced with this one's measured time.
+    assert fast.conversion_estimate_s(tmp_path) == pytest.approx(path.conversion_s, abs=0.1)
+    assert fast.pending_conversion_s(lite_medsam, "openvino-f32", tmp_path) is None  # nothing left to convert
     x = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(2))
-    with torch.inference_mode():
-        reference = lite_medsam.sam.image_encoder(x)
-    out = path(x)
-    assert out.shape == (2, 256, 64, 64) and out.dtype == torch.float32
-    assert float((out - reference).norm() / reference.norm()) < 1e-4
-    again = fast.build_path(lite_medsam, "openvino-f32", cache_dir=tmp_path)
-    assert not again.converted  # the IR is reused
+    volume, z, _, _ = spleen_slice
+    real, _ = slices_to_model_input(volume[[z, z - 3]], 256, lite_medsam.spec.normalization)
+    for batch in (x, real):
+        with torch.inference_mode():
+            reference = lite_medsam.sam.image_encoder(batch)
+        out = path(batch)
+        assert out.shape == (2, 256, 64, 64) and out.dtype == torch.float32
+        assert float((out - reference).norm() / reference.norm()) < 1e-4
+    said.clear()
+    again = fast.build_path(lite_medsam, "openvino-f32", cache_dir=tmp_path, on_progress=lambda *a: said.append(a))
+    assert not again.converted and not said  # the IR is reused, and nothing long is announced
     reference_mask, _ = _mask(lite_medsam, None, spleen_slice)
     mask, _ = _mask(lite_medsam, path, spleen_slice)
     assert _dice(mask, reference_mask) > 0.999

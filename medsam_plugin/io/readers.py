@@ -419,6 +419,10 @@ def _check_sitk_declared_size(p: Path, fmt: str) -> None:
     except (ValueError, UnicodeDecodeError):
         return  # an unusual header: SimpleITK decides
     _check_payload(p, shape, itemsize, payload, compressed)
+    if compressed == "bzip2":  # SimpleITK would allocate the whole volume first, then fail to decode it
+        raise ImageReadError(f"Cannot read '{p}': its voxels are bzip2-compressed, which the NRRD reader here "
+                             f"(SimpleITK) cannot decode. Save it again with gzip or raw encoding, or convert it to "
+                             f"NIfTI (.nii.gz).")
 
 
 def _read_sitk_file(p: Path, fmt: str) -> tuple[np.ndarray, np.ndarray, dict]:

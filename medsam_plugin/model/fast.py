@@ -425,8 +425,14 @@ def _report(on_progress, message: str, estimate_s: float | None) -> None:
 def _convert(ov, body: nn.Module, size: int, channels: int):
     """The encoder body as an OpenVINO model, from `torch.export` (not TorchScript tracing, which
     torch deprecates): input (batch, S, S, D0) channels-last tokens, any batch."""
+    import warnings
+
     example = torch.zeros(2, size, size, channels)  # batch 2: an example batch of 1 would be specialised
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch's own pytree code builds a LeafSpec, which it deprecates, while the program is copied:
+        # nothing this project calls, and nothing it could change.
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                category=FutureWarning)
         exported = torch.export.export(body, (example,), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
         return ov.convert_model(exported)
 
