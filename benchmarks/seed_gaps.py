@@ -42,10 +42,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="medsam_interactive")
     parser.add_argument("--cache-dir", default=None, help="keep slice embeddings here between runs")
+    parser.add_argument("--cases", default=None, help="comma-separated indices into CASES (default: all)")
     args = parser.parse_args(argv)
+    chosen = [CASES[int(i)] for i in args.cases.split(",")] if args.cases else CASES
     torch.set_num_threads(max(1, torch.get_num_threads()))
     loaded = None
-    for case, label, wanted in CASES:
+    for case, label, wanted in chosen:
         folder = SHARED / case
         if not folder.is_dir():
             print(f"skip {case}: not in {SHARED}")
@@ -61,7 +63,8 @@ def main(argv=None) -> int:
         zs = sorted({largest if z == "largest" else int(z) for z in wanted})
         seeds = {z: predictor.predict(z, box_xyxy=bounding_box_xyxy(truth[z])) for z in zs}
         stop = StopRules(policy=policy_for_model(predictor.spec))
-        print(f"\n{case} label {label}: truth slices {present[0]}-{present[-1]}, seeds {zs}, mode {session.mode}")
+        print(f"\n{case} label {label}: truth slices {present[0]}-{present[-1]}, seeds {zs}, mode {session.mode}",
+              flush=True)
         for rule in GAP_FILLS:
             t0 = time.perf_counter()
             result = run_to_completion(propagate(predictor, seeds, mode=session.mode, stop=stop, gap_fill=rule))
@@ -72,7 +75,7 @@ def main(argv=None) -> int:
             gap_dice = dice(mask[zs[0]:zs[-1] + 1], truth[zs[0]:zs[-1] + 1])
             span = f"{min(result.slices)}-{max(result.slices)}"
             print(f"  {rule:<8} empty between seeds: {holes or 'none'}; Dice between seeds {gap_dice:.3f}, "
-                  f"whole {dice(mask, truth):.3f}; span {span}; {seconds:.1f} s")
+                  f"whole {dice(mask, truth):.3f}; span {span}; {seconds:.1f} s", flush=True)
             for name, why in result.stopped.items():
                 print(f"           {name}: {why}")
     return 0
