@@ -313,6 +313,9 @@ class ReEncodingPredictor:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
+    def ensure_embedding(self, z):
+        return False  # encoding happens in `predict`, every time (the walk's encode-first step must not add one)
+
     def predict(self, z, **kwargs):
         self.inner.cache.reset()
         return self.inner.predict(z, **kwargs)

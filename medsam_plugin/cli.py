@@ -212,6 +212,35 @@ def _warn_if_constant(volume) -> None:
               f"holds nothing to segment, and the result will not mean anything. Check the file.", file=sys.stderr)
 
 
+def _check_irregular_slices(args, volume) -> None:
+    """A DICOM series whose slices are unevenly spaced (a missing slice) or tilted is read with one
+    slice spacing, right slice by slice but wrong in millimetres between slices (`io.readers.
+    _irregular_slices`). Refuse whatever would carry that into a result (a label map's affine, world
+    coordinates in the prompts); a DICOM SEG, which takes each frame's position from its own slice,
+    is written as acquired."""
+    from .engine.prompts import load_prompts
+    from .io.dicom_seg import is_dicom_seg_path
+    from .io.readers import IRREGULAR_SLICES
+
+    why = volume.extra.get(IRREGULAR_SLICES)
+    if not why:
+        return
+    maps = [f"--out {args.out}"] if not is_dicom_seg_path(args.out) else []
+    if args.per_object_dir:
+        maps.append(f"--per-object-dir {args.per_object_dir}")
+    frame = str(load_prompts(args.prompts).get("frame", "voxel"))
+    if maps:
+        raise ValueError(f"The DICOM series '{args.image}': {why}. A label map ({', '.join(maps)}) has one slice "
+                         f"spacing and would carry that error; write a DICOM SEG instead (--out seg.dcm, placed on "
+                         f"each acquired slice), or export the series again with every slice. Nothing was written.")
+    if frame != "voxel":
+        raise ValueError(f"The DICOM series '{args.image}': {why}, so {frame} coordinates in the prompts cannot be "
+                         f"placed on a slice reliably; give the prompts in the voxel frame (\"frame\": \"voxel\"). "
+                         f"Nothing was written.")
+    print(f"note: the DICOM series '{args.image}': {why}; the DICOM SEG takes each frame's position from its own "
+          f"slice, so it is written as acquired.", file=sys.stderr)
+
+
 def _dicom_seg_plan(args, volume) -> tuple[list, dict]:
     """The DICOM SEG files asked for (--out *.dcm, --dicom-seg) and their --seg-type codes, checked."""
     from .io.dicom_seg import check_dicom_seg_source, is_dicom_seg_path, parse_property
@@ -290,6 +319,7 @@ def cmd_segment(args) -> int:
             print(f"completed {path}, which an interrupted earlier run had left half-renamed", file=sys.stderr)
     volume = read_volume(args.image, series_uid=args.series_uid)
     _warn_if_constant(volume)
+    _check_irregular_slices(args, volume)
     seg_paths, seg_properties = _dicom_seg_plan(args, volume)  # fails here, before any model work
     session = ModelChoice.from_args(args).session(volume)
     doc = load_prompts(args.prompts)
@@ -305,13 +335,25 @@ def cmd_segment(args) -> int:
     for p in (out, *seg_paths):
         _check_output_folder(p)
     truth = read_labels(args.reference, volume) if args.reference else None  # a misfit fails before the model
-    predictor = session.predictor  # load the model before the progress bars start
+    def announce(progress):  # a slow one-time step (the first OpenVINO conversion) is never silent
+        if progress.kind == "prepare" and progress.done:
+            print(progress.message, file=sys.stderr, flush=True)
+
+    predictor = run_to_completion(session.prepare(), callback=announce)  # before the progress bars start
     logging.getLogger(__name__).info("model %s on %s", predictor.spec.name, predictor.device)
+    withheld: dict[int, dict[int, int]] = {}  # object -> other object -> voxels the overlap rule kept from it
+
+    def tally(label_id):
+        for other, count in session.withheld.items():
+            withheld.setdefault(label_id, {})[other] = withheld.get(label_id, {}).get(other, 0) + count
+
     for obj in objects:
         session.add_object(name=obj.name, label_id=obj.label_id)
         for sp in obj.slices.values():
             session.segment_slice(obj.label_id, sp.z, points_yx=sp.points_yx or None,
                                   point_labels=sp.point_labels or None, box_xyxy=sp.box_xyxy)
+            if obj.direction == "none":  # else the propagation's commit counts every slice, seeds included
+                tally(obj.label_id)
         if obj.direction != "none":
             bar = _progress_bar(session.shape_zyx[0], f"{obj.name}")
 
@@ -321,6 +363,7 @@ def cmd_segment(args) -> int:
 
             result = run_to_completion(session.propagate(obj.label_id, direction=obj.direction), callback=show)
             bar.close()
+            tally(obj.label_id)
             print(f"{obj.name} (label {obj.label_id}): slices {min(result.slices)}-{max(result.slices)} "
                   f"({len(result.slices)} slices); stopped: "
                   + "; ".join(f"{k}: {v}" for k, v in result.stopped.items()), file=sys.stderr)
@@ -332,6 +375,7 @@ def cmd_segment(args) -> int:
         from .dataset.batch import put_back_edits
 
         put_back_edits(session, edits)
+    _report_withheld(session, objects, withheld)
     written = _save_outputs(session, out, seg_paths, seg_properties, args.per_object_dir)
     for path in written:
         print(f"wrote {path}")
@@ -349,6 +393,40 @@ def cmd_segment(args) -> int:
             print(f"Dice {obj.name} (label {obj.label_id}) vs reference: "
                   f"{dice(labels_ijk == obj.label_id, truth == obj.label_id):.3f}")
     return 0
+
+
+def _report_withheld(session, objects, withheld: dict, shown: int = 10) -> None:
+    """Say which objects lost voxels to earlier ones under the overlap rule ("none": a voxel stays with
+    the object that claimed it first), as the widget does after each commit; the objects left with
+    no voxel at all first. At most `shown` objects are named per kind, then a count of the rest."""
+    if not withheld:
+        return
+    objs = session.labels.objects
+    counts = session.volumes_ml()
+
+    def name(label_id):
+        return f"'{objs[label_id].name}' (label {label_id})" if label_id in objs else f"label {label_id}"
+
+    def lost(label_id):
+        by = sorted(withheld[label_id], key=lambda k: -withheld[label_id][k])
+        return (f"{sum(withheld[label_id].values()):,} voxels to " + ", ".join(name(k) for k in by[:3])
+                + (f" and {len(by) - 3} more" if len(by) > 3 else ""))
+
+    order = [o.label_id for o in objects if withheld.get(o.label_id)]
+    empty = [k for k in order if not counts.get(k)]
+    partial = [k for k in order if counts.get(k)]
+    total = len(objects)
+    if empty:
+        print(f"warning: {len(empty)} of {total} objects got no voxel, because objects before them in the prompts "
+              f"file hold all of their result (overlap 'none': the first claim wins): "
+              + "; ".join(f"{name(k)} lost {lost(k)}" for k in empty[:shown])
+              + (f"; and {len(empty) - shown} more" if len(empty) > shown else "")
+              + ". Their files and maps hold nothing for them: prompt them where no earlier object is, or "
+                "list them first.", file=sys.stderr)
+    if partial:
+        print(f"note: {len(partial)} of {total} objects lost voxels to objects before them (overlap 'none'): "
+              + "; ".join(f"{name(k)} lost {lost(k)}" for k in partial[:shown])
+              + (f"; and {len(partial) - shown} more" if len(partial) > shown else "") + ".", file=sys.stderr)
 
 
 def _print_table(report: dict) -> None:
@@ -407,6 +485,10 @@ def cmd_evaluate(args) -> int:
     choice = ModelChoice.from_args(args)
     expert = ExpertSettings(clicks=args.clicks, mode=args.mode, stop=_stop_rules(args), protocol=args.protocol)
     loaded = choice.load()
+    from .model.fast import make_encoder, pending_conversion_s
+
+    if pending_conversion_s(loaded) is not None:  # the first OpenVINO conversion, said aloud; cached for the cases
+        make_encoder(loaded, on_progress=lambda message, _: print(message, file=sys.stderr, flush=True))
     reports = []
     for case in cases:
         report = evaluate_case(case["image"], case["label"], choice, expert, labels=labels, loaded_model=loaded)

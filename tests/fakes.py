@@ -23,6 +23,7 @@ class FakePredictor:
         self.truth = truth_zyx
         self.volume = np.zeros(truth_zyx.shape, dtype=np.uint8)
         self.calls: list[tuple[int, tuple[str, ...]]] = []
+        self.batches: list[int] = []  # prompts per `predict_many` call
 
     @property
     def n_slices(self) -> int:
@@ -44,3 +45,9 @@ class FakePredictor:
         return SlicePrediction(z=int(z), mask_yx=mask, logits_256=logits, iou=0.9,
                                prompt={"box_xyxy": box_xyxy, "points_yx": points_yx, "point_labels": point_labels,
                                        "mask": mask_logits_256 is not None})
+
+    def predict_many(self, z, prompts, multimask=False):
+        """Several prompts in one call, as `SlicePredictor.predict_many`: each answered by `predict`
+        (so subclasses that change `predict` change these too), the call recorded in `batches`."""
+        self.batches.append(len(prompts))
+        return [self.predict(z, multimask=multimask, **p) for p in prompts]

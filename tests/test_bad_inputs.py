@@ -160,6 +160,19 @@ def _image_cases(tmp: Path):
     (tmp / "huge.nrrd").write_bytes(b"NRRD0004\ntype: int\ndimension: 3\nsizes: 1024 1024 1024\nencoding: raw\n"
                                     b"endian: little\n\n" + b"\0" * 16)
     cases.append(("nrrd_declares_1024_cubed", tmp / "huge.nrrd", ["huge.nrrd", "declares"]))
+    # Issue 21: a detached header and a bzip2 stream escaped the declared-size check (4.2 GB allocated).
+    (tmp / "tiny.raw").write_bytes(b"\0" * 64)
+    (tmp / "detached.nhdr").write_bytes(b"NRRD0004\ntype: int\ndimension: 3\nsizes: 1024 1024 1024\nencoding: raw\n"
+                                        b"endian: little\ndata file: tiny.raw\n")
+    cases.append(("nhdr_declares_1024_cubed", tmp / "detached.nhdr", ["detached.nhdr", "declares"]))
+    (tmp / "orphan.nhdr").write_bytes(b"NRRD0004\ntype: int\ndimension: 3\nsizes: 4 4 4\nencoding: raw\n"
+                                      b"endian: little\ndata file: gone.raw\n")
+    cases.append(("nhdr_without_its_data_file", tmp / "orphan.nhdr", ["gone.raw", "does not exist"]))
+    import bz2
+
+    (tmp / "bomb.nrrd").write_bytes(b"NRRD0004\ntype: int\ndimension: 3\nsizes: 1024 1024 1024\nencoding: bzip2\n"
+                                    b"endian: little\n\n" + bz2.compress(b"\0" * 4096))
+    cases.append(("bzip2_nrrd_declares_1024_cubed", tmp / "bomb.nrrd", ["bomb.nrrd", "declares"]))
     (tmp / "random.nrrd").write_bytes(rng.bytes(500))
     cases.append(("random_nrrd", tmp / "random.nrrd", ["random.nrrd"]))
     (tmp / "nodicom").mkdir()
@@ -196,6 +209,53 @@ def test_a_dicom_folder_with_two_series_names_the_series_uid_option(world, capsy
     _run_bad(["segment", folder / "dicom", "--prompts", prompts, "--out", slice_file], capsys, folder, "same file")
 
 
+def _series_with_positions(write_dicom_series, folder: Path, drop=(), duplicate=None) -> Path:
+    """A 5-slice DICOM series 5 mm apart (0..20 mm), with slices dropped or one slice moved onto
+    another's position."""
+    import pydicom
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(_ct((5, 16, 16)).astype(np.int16))
+    image.SetSpacing((1.0, 1.0, 5.0))
+    files = write_dicom_series(folder, image, series_uid="1.2.826.0.1.3680043.8.498.7")
+    for k in drop:
+        files[k].unlink()
+    if duplicate is not None:
+        source, target = duplicate
+        ds = pydicom.dcmread(files[target])
+        ds.ImagePositionPatient = pydicom.dcmread(files[source]).ImagePositionPatient
+        ds.save_as(files[target])
+    return folder
+
+
+def test_a_dicom_series_with_a_missing_slice_is_never_given_wrong_geometry(world, capsys, write_dicom_series):
+    """Issue 21: slices at 0, 5, 15 and 20 mm were read as four slices 6.67 mm apart and segmented with
+    exit 0. The series is still read (a DICOM SEG is written on the acquired slices), but a label map,
+    which has one slice spacing, and world coordinates are refused with a sentence."""
+    from medsam_plugin.io import read_volume
+    from medsam_plugin.io.readers import IRREGULAR_SLICES
+
+    folder, _, _ = world
+    series = _series_with_positions(write_dicom_series, folder / "gap", drop=(2,))
+    volume = read_volume(series)
+    assert volume.shape[2] == 4 and "unevenly spaced (5 to 10 mm apart" in volume.extra[IRREGULAR_SLICES]
+    prompts = _prompts(folder / "p4.json", [{"id": 1, "boxes": [[[4, 4, 1], [11, 11, 1]]]}])
+    _run_bad(["segment", series, "--prompts", prompts, "--out", folder / "seg.nii.gz"], capsys, folder,
+             "unevenly spaced", "5 to 10 mm", "DICOM SEG")
+    world_prompts = _prompts(folder / "w.json", [{"id": 1, "boxes": [[[4, 4, 1], [11, 11, 1]]]}], frame="world")
+    _run_bad(["segment", series, "--prompts", world_prompts, "--out", folder / "seg.dcm"], capsys, folder,
+             "unevenly spaced", "voxel frame")
+    even = read_volume(_series_with_positions(write_dicom_series, folder / "even"))
+    assert IRREGULAR_SLICES not in even.extra
+
+
+def test_a_dicom_series_with_two_slices_at_one_position_is_refused(world, capsys, write_dicom_series):
+    folder, _, prompts = world
+    series = _series_with_positions(write_dicom_series, folder / "dup", duplicate=(1, 2))
+    _run_bad(["segment", series, "--prompts", prompts, "--out", folder / "seg.nii.gz"], capsys, folder,
+             "same position", "duplicate")
+
+
 # --------------------------------------------------------------------------- prompts
 def _deep_json(depth: int) -> str:
     return '{"objects": ' + "[" * depth + "]" * depth + "}"
@@ -219,7 +279,10 @@ PROMPT_CASES = {
     "box_nan_corner": ('{"objects": [{"id": 1, "boxes": [[[NaN, 4, 3], [11, 11, 3]]]}]}', ["finite"]),
     "box_infinity": ('{"objects": [{"id": 1, "boxes": [[[4, 4, 3], [Infinity, 11, 3]]]}]}', ["finite"]),
     "box_1e400": ('{"objects": [{"id": 1, "boxes": [[[4, 4, 3], [1e400, 11, 3]]]}]}', ["finite"]),
-    "box_10_to_400": ('{"objects": [{"id": 1, "boxes": [[[4, 4, 3], [1' + "0" * 400 + ', 11, 3]]]}]}', ["box 1"]),
+    "box_10_to_400": ('{"objects": [{"id": 1, "boxes": [[[4, 4, 3], [1' + "0" * 400 + ', 11, 3]]]}]}',
+                      ["box 1", "401 digits", "not a usable number"]),
+    "point_10_to_400": ('{"objects": [{"id": 1, "points": [{"position": [1' + "0" * 400 + ', 4, 3]}]}]}',
+                        ["point 1", "401 digits", "not a usable number"]),
     "box_null": ('{"objects": [{"id": 1, "boxes": [null]}]}', ["box 1"]),
     "box_outside": ('{"objects": [{"id": 1, "boxes": [[[4, 4, 3], [40, 11, 3]]]}]}', ["outside the volume"]),
     "box_two_slices": ('{"objects": [{"id": 1, "boxes": [[[4, 4, 2], [11, 11, 5]]]}]}', ["different"]),
@@ -695,6 +758,32 @@ def test_the_weights_checksum_does_not_trust_a_planted_cache_entry(tmp_path, mon
         registry.verify_sha256(weights, expected, "lite_medsam")  # ...but verification hashes the file
 
 
+@pytest.mark.parametrize("encoding", ["raw", "gzip", "bzip2", "ascii"])
+def test_the_size_bound_accepts_real_nrrd_volumes_attached_or_detached(tmp_path, encoding):
+    """The declared-size check refuses only what cannot be in the file: real files of every encoding
+    it bounds, all-zero ones included (the best case for a compressor), still read."""
+    import bz2
+
+    from medsam_plugin.io import ImageReadError, read_volume
+
+    data = np.zeros((64, 48, 40), np.int32)
+    data[5:9, 5:9, 5:9] = 7
+    raw = data.transpose(2, 1, 0).tobytes()  # NRRD: the first axis varies fastest
+    body = {"raw": raw, "gzip": gzip.compress(raw), "bzip2": bz2.compress(raw),
+            "ascii": " ".join(str(v) for v in data.transpose(2, 1, 0).ravel()).encode()}[encoding]
+    header = (f"NRRD0004\ntype: int\ndimension: 3\nsizes: 64 48 40\nencoding: {encoding}\nendian: little\n"
+              f"space: left-posterior-superior\nspace directions: (1,0,0) (0,1,0) (0,0,1)\n").encode()
+    (tmp_path / "a.nrrd").write_bytes(header + b"\n" + body)
+    (tmp_path / "b.raw").write_bytes(body)
+    (tmp_path / "b.nhdr").write_bytes(header + b"data file: b.raw\n")
+    for name in ("a.nrrd", "b.nhdr"):
+        if encoding == "bzip2":  # SimpleITK cannot decode bzip2: refused with a sentence, before allocating
+            with pytest.raises(ImageReadError, match="bzip2-compressed.*gzip or raw"):
+                read_volume(tmp_path / name)
+        else:
+            assert np.array_equal(read_volume(tmp_path / name).data_ijk, data), name
+
+
 def test_the_size_bound_accepts_a_real_all_zero_gzip_volume(tmp_path):
     """Zeros compress about 1026:1 with deflate, near its 1032:1 limit: the bound must not refuse them."""
     from medsam_plugin.io import read_volume
@@ -717,3 +806,46 @@ def test_the_predictor_refuses_nan_or_infinite_prompts():
         SlicePredictor._check_inside(np.array([[np.nan, 3.0]]), geom, "point")
     with pytest.raises(ValueError, match="not a finite number"):
         SlicePredictor._check_inside(np.array([[3.0, np.inf]]), geom, "box corner")
+
+
+# --------------------------------------------------------------------------- objects the overlap rule empties
+def test_the_cli_names_the_objects_left_without_voxels(tmp_path, capsys, monkeypatch):
+    """Issue 21: an object whose prompt lies inside an earlier object (overlap "none") was written with
+    no voxels and no word, also when 40 of 300 objects ended up empty. The CLI says which objects lost
+    what, the empty ones first (a fake model stands in: the result is the prompt's box)."""
+    from types import SimpleNamespace
+
+    from fakes import FakePredictor
+    from medsam_plugin.engine.choice import ModelChoice
+
+    data = _ct((40, 40, 8))
+    data[2:38, 2:38, 2:6] = 60
+    scan = _nifti(tmp_path / "scan.nii.gz", data)
+    big = {"id": 1, "name": "organ", "boxes": [[[2, 2, 3], [37, 37, 3]]], "direction": "none"}
+    inside = [{"id": i, "name": f"lesion{i}", "boxes": [[[4 + i, 4 + i, 3], [6 + i, 6 + i, 3]]], "direction": "none"}
+              for i in range(2, 14)]
+    partly = {"id": 20, "name": "rim", "points": [{"position": [36, 20, 3], "label": 1}],
+              "boxes": [[[30, 10, 3], [39, 30, 3]]], "direction": "none"}
+    prompts = _prompts(tmp_path / "p.json", [big, *inside, partly])
+
+    class Boxes(FakePredictor):
+        spec = SimpleNamespace(name="fake", reads_points=False, prompts=("box",), click_refine_passes=0)
+        device = "cpu"
+
+    def session(self, volume, loaded_model=None):
+        from medsam_plugin.engine.session import SegmentationSession
+
+        s = SegmentationSession(volume, window="abdomen")
+        s._predictor = Boxes(np.ones(s.shape_zyx, bool))
+        return s
+
+    monkeypatch.setattr(ModelChoice, "session", session)
+    assert main(["segment", str(scan), "--prompts", str(prompts), "--out", str(tmp_path / "seg.nii.gz")]) == 0
+    err = capsys.readouterr().err
+    warning = next(ln for ln in err.splitlines() if ln.startswith("warning:"))
+    assert "12 of 14 objects got no voxel" in warning
+    assert "'lesion2' (label 2) lost" in warning and "to 'organ' (label 1)" in warning and "and 2 more" in warning
+    note = next(ln for ln in err.splitlines() if ln.startswith("note:"))
+    assert "1 of 14 objects lost voxels" in note and "'rim' (label 20)" in note
+    saved = nib.load(str(tmp_path / "seg.nii.gz")).get_fdata()
+    assert set(np.unique(saved).astype(int)) == {0, 1, 20}

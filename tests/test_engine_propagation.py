@@ -89,6 +89,23 @@ def test_cancel_raises_before_the_next_slice_is_predicted():
     assert len(fake.calls) == calls
 
 
+def test_cancel_during_a_slices_encoding_acts_before_its_decoding():
+    """Issue 21: cancel acted only between slices; a slice's encoding (most of its time) now ends
+    with a check, so the decoder never runs on the slice during which cancel was pressed."""
+    cancel = threading.Event()
+
+    class SlowToEncode(FakePredictor):
+        def ensure_embedding(self, z):
+            if z == 12:
+                cancel.set()  # the user presses cancel while slice 12 is being encoded
+            return True
+
+    fake = SlowToEncode(ellipsoid_zyx())
+    with pytest.raises(PropagationCancelled):
+        run_to_completion(propagate(fake, seed(fake, 10), direction="up", cancel=cancel))
+    assert [z for z, _ in fake.calls] == [10, 11]
+
+
 @pytest.mark.parametrize("mode", PROMPT_MODES)
 def test_every_mode_builds_the_prompts_it_names(mode):
     fake = FakePredictor(ellipsoid_zyx())

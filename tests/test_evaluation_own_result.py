@@ -117,3 +117,33 @@ def test_evaluate_reports_and_prints_own_scores_for_a_nested_label_map(spleen_to
     assert report["mean_dice_own"] > report["mean_dice"]
     out = capsys.readouterr().out
     assert "dice own" in out and f"{core_score['dice_own']:8.3f}" in out and f"{report['mean_dice_own']:8.3f}" in out
+
+
+def test_nsd_is_monais_compute_surface_dice_without_its_warning():
+    """Issue 21: MONAI's compute_surface_dice warns on every call (it passes get_mask_edges an argument
+    deprecated until 1.7). The NSD here is built from MONAI's edges and distances: the same numbers,
+    and no warning."""
+    import warnings
+
+    import torch
+    from monai.metrics import compute_surface_dice
+
+    from medsam_plugin.evaluation.metrics import normalized_surface_dice
+
+    rng = np.random.default_rng(0)
+    for i, spacing in enumerate([(1.0, 1.0, 1.0), (5.0, 0.8, 0.8), (2.5, 1.5, 1.0)]):
+        a = np.zeros((20, 30, 25), bool)
+        b = np.zeros_like(a)
+        a[3:15, 5:20, 4:18] = True
+        b[4 + i:16, 6:21 - i, 3:17] = True
+        a ^= rng.random(a.shape) > 0.97
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ours = normalized_surface_dice(a, b, spacing, 2.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            p = torch.as_tensor(np.stack([~a, a]))[None].float()
+            t = torch.as_tensor(np.stack([~b, b]))[None].float()
+            monai = float(compute_surface_dice(p, t, class_thresholds=[2.0], include_background=False,
+                                               spacing=list(spacing)).item())
+        assert ours == pytest.approx(monai, abs=1e-6) and 0.3 < ours < 0.95

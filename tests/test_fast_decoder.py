@@ -102,3 +102,31 @@ def test_decoder_choice_from_the_environment(lite_medsam, monkeypatch):
     monkeypatch.setenv("MEDSAM_DECODER", "turbo")
     with pytest.raises(ValueError, match="Unknown decoder 'turbo'.*MEDSAM_DECODER"):
         SlicePredictor(lite_medsam)
+
+
+def test_several_prompts_in_one_call_give_each_its_own_answer(lite_medsam, spleen):
+    """A correction's ways of asking (with and without the box, the logits halved, the newest click
+    alone) decoded in one call: each answer is the one `predict` gives that prompt alone, although
+    the prompts have different lengths (padding tokens are masked out, not attended to)."""
+    volume, z, box, truth, _ = spleen
+    predictor = SlicePredictor(lite_medsam)
+    predictor.set_volume(volume)
+    first = predictor.predict(z, box_xyxy=box)
+    points = np.array([[60.0, 70.0], [float(np.argwhere(truth)[0][0]) + 3, float(np.argwhere(truth)[0][1])]])
+    labels = np.array([0, 1])
+    logits = first.logits_256
+    asks = [dict(points_yx=points, point_labels=labels, box_xyxy=box, mask_logits_256=logits),
+            dict(points_yx=points, point_labels=labels, mask_logits_256=logits),
+            dict(points_yx=points, point_labels=labels, box_xyxy=box, mask_logits_256=logits / 2),
+            dict(points_yx=points[-1:], point_labels=labels[-1:], box_xyxy=box, mask_logits_256=logits),
+            dict(box_xyxy=box)]  # no mask prompt: the slice's kept state
+    alone = [predictor.predict(z, **ask) for ask in asks]
+    calls = predictor.decoder_calls
+    together = predictor.predict_many(z, asks)
+    assert predictor.decoder_calls - calls == 1
+    for a, b in zip(alone, together):
+        scale = float(np.abs(a.logits_256).max())
+        assert np.allclose(a.logits_256, b.logits_256, rtol=1e-4, atol=1e-4 * scale)
+        assert abs(a.iou - b.iou) < 1e-5
+        assert (a.mask_yx != b.mask_yx).sum() <= 2  # a pixel within rounding of 0 may go either way
+    assert len({int(p.mask_yx.sum()) for p in together}) > 1  # the ways really differ

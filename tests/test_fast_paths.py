@@ -8,6 +8,7 @@ OpenVINO is installed, is converted once into a temporary cache and checked agai
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -186,6 +187,40 @@ def test_openvino_imported_first_still_sends_nothing_through_this_tool():
     assert out == ["openvino.tools.ovc.telemetry_stub", "openvino.tools.ovc.telemetry_stub", "False"]
 
 
+def _home_after(code: str, home) -> list[str]:
+    """The files under `home` after a fresh interpreter with HOME=`home` ran `code`."""
+    import os
+    import subprocess
+    import sys
+
+    _require_openvino()
+    env = {**os.environ, "HOME": str(home)}
+    env.pop("CI", None)  # OpenVINO's telemetry is off on CI machines anyway: test the user's case
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
+    return sorted(str(p.relative_to(home)) for p in home.rglob("*") if p.is_file())
+
+
+def test_importing_medsam_plugin_first_keeps_openvino_from_reporting(tmp_path):
+    """Issue 21: `import openvino` sends an analytics request and writes ~/intel/openvino_ga_cid.
+    medsam_plugin imported first hides the telemetry package, so OpenVINO imported afterwards
+    (by the user, or by this tool) writes and sends nothing."""
+    assert _home_after("import medsam_plugin, openvino, openvino.tools.ovc", tmp_path) == []
+
+
+def test_the_readmes_opt_out_silences_openvino_imported_first(tmp_path):
+    """`import openvino, medsam_plugin`: OpenVINO's import runs before any code of this project, which
+    cannot stop it; the README gives OpenVINO's own opt-out (its consent file), which does."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert "printf 0 > ~/intel/openvino_telemetry" in readme
+    first = tmp_path / "first"
+    first.mkdir()
+    assert "intel/openvino_ga_cid" in _home_after("import openvino, medsam_plugin", first)  # what the README is for
+    opted = tmp_path / "opted"
+    (opted / "intel").mkdir(parents=True)
+    (opted / "intel" / "openvino_telemetry").write_text("0")
+    assert _home_after("import openvino, medsam_plugin", opted) == ["intel/openvino_telemetry"]
+
+
 def test_a_damaged_cached_openvino_model_is_removed_and_not_used(tmp_path, caplog):
     """The IR cache checks itself: files that differ from the checksums recorded at conversion (here
     a zeroed block of weights, which OpenVINO would still load) are removed, so the model is converted
@@ -217,7 +252,7 @@ def _require_openvino() -> None:
 
 
 def test_the_openvino_body_is_the_encoder_in_another_layout(lite_medsam):
-    """What OpenVINO traces (channels-last in, 4-D permutes, split qkv) computes the encoder's maths."""
+    """What OpenVINO converts (channels-last in, 4-D permutes, split qkv) computes the encoder's maths."""
     encoder = lite_medsam.sam.image_encoder
     x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -230,19 +265,42 @@ def test_the_openvino_body_is_the_encoder_in_another_layout(lite_medsam):
 
 
 def test_openvino_f32_path_gives_the_fp32_embedding_and_mask(lite_medsam, spleen_slice, tmp_path):
+    """Converted with `torch.export` (issue 21: not `torch.jit.trace`, which torch deprecates), said
+    aloud with an estimate, kept for later runs, and the encoder's fp32 embedding of real slices."""
+    import warnings
+
+    from medsam_plugin.engine.preprocessing import slices_to_model_input
+
     _require_openvino()
-    path = fast.build_path(lite_medsam, "openvino-f32", cache_dir=tmp_path)
+    assert fast.pending_conversion_s(lite_medsam, "openvino-f32", tmp_path) == fast.DEFAULT_CONVERSION_S
+    said = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = fast.build_path(lite_medsam, "openvino-f32", cache_dir=tmp_path,
+                               on_progress=lambda message, seconds: said.append((message, seconds)))
+    assert not [str(w.message) for w in caught if "jit" in str(w.message)]
+    assert said[0] == (f"Preparing the fast encoder (one time, about {fast.DEFAULT_CONVERSION_S:.0f} s)...",
+                       fast.DEFAULT_CONVERSION_S)
+    assert said[-1][0].startswith("The fast encoder is ready") and "for later runs" in said[-1][0]
     assert path.converted and list(tmp_path.glob("openvino/*.xml"))
-    kept = sorted(p.name[p.name.index("."):] for p in (tmp_path / "openvino").iterdir())
+    kept = sorted(p.name[p.name.index("."):] for p in (tmp_path / "openvino").glob("tiny_vit_*"))
     assert kept == [".bin", ".sha256.json", ".xml"]  # written as one set, nothing left behind
+    assert not [p for p in (tmp_path / "openvino").iterdir() if ".tmp" in p.name]
+    # The next conversion on this machine is announced with this one's measured time.
+    assert fast.conversion_estimate_s(tmp_path) == pytest.approx(path.conversion_s, abs=0.1)
+    assert fast.pending_conversion_s(lite_medsam, "openvino-f32", tmp_path) is None  # nothing left to convert
     x = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(2))
-    with torch.inference_mode():
-        reference = lite_medsam.sam.image_encoder(x)
-    out = path(x)
-    assert out.shape == (2, 256, 64, 64) and out.dtype == torch.float32
-    assert float((out - reference).norm() / reference.norm()) < 1e-4
-    again = fast.build_path(lite_medsam, "openvino-f32", cache_dir=tmp_path)
-    assert not again.converted  # the IR is reused
+    volume, z, _, _ = spleen_slice
+    real, _ = slices_to_model_input(volume[[z, z - 3]], 256, lite_medsam.spec.normalization)
+    for batch in (x, real):
+        with torch.inference_mode():
+            reference = lite_medsam.sam.image_encoder(batch)
+        out = path(batch)
+        assert out.shape == (2, 256, 64, 64) and out.dtype == torch.float32
+        assert float((out - reference).norm() / reference.norm()) < 1e-4
+    said.clear()
+    again = fast.build_path(lite_medsam, "openvino-f32", cache_dir=tmp_path, on_progress=lambda *a: said.append(a))
+    assert not again.converted and not said  # the IR is reused, and nothing long is announced
     reference_mask, _ = _mask(lite_medsam, None, spleen_slice)
     mask, _ = _mask(lite_medsam, path, spleen_slice)
     assert _dice(mask, reference_mask) > 0.999

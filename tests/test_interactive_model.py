@@ -177,3 +177,28 @@ def test_the_box_only_model_is_flagged_as_such():
 
     assert not REGISTRY["lite_medsam"].reads_points and not REGISTRY["lite_medsam"].reads_masks
     assert REGISTRY["medsam_interactive"].reads_points and REGISTRY["medsam_interactive"].reads_masks
+
+
+def test_a_correction_asks_the_decoder_once(interactive, embedding_cache_dir, monkeypatch):
+    """Issue 21: a corrective click asked the decoder three or four times, one after the other;
+    its ways of asking now share one decoder call (benchmarks/correction_latency.py times it)."""
+    from medsam_plugin.engine.propagation import bounding_box_xyxy, interior_point_yx
+    from medsam_plugin.model.fast_decoder import FastMaskDecoder
+
+    session, truth = _spleen_session(interactive, embedding_cache_dir)
+    z = int(np.argmax(truth.sum(axis=(1, 2))))
+    session.add_object("spleen", label_id=1)
+    session.segment_slice(1, z, box_xyxy=bounding_box_xyxy(truth[z]))
+    runs = []
+    for name in ("decode", "decode_batch"):
+        original = getattr(FastMaskDecoder, name)
+        monkeypatch.setattr(FastMaskDecoder, name,
+                            lambda self, *a, _f=original, _n=name, **k: (runs.append(_n), _f(self, *a, **k))[1])
+    fg = interior_point_yx(truth[z])
+    for points, labels in (([fg], [1]), ([fg, [5.0, 5.0]], [1, 0])):  # three ways, then four
+        runs.clear()
+        calls = session.predictor.decoder_calls
+        pred = session.segment_slice(1, z, points_yx=np.array(points), point_labels=np.array(labels),
+                                     use_current_mask=True, commit=False)
+        assert runs == ["decode_batch"] and session.predictor.decoder_calls - calls == 1
+        assert pred.mask_yx[int(fg[0]), int(fg[1])]

@@ -264,3 +264,43 @@ def test_a_click_past_the_walks_end_is_answered_as_the_walk_would_have_asked():
     assert pred.prompt["box_xyxy"] is None and pred.prompt["point_labels"].tolist() == [1]
     result = run_to_completion(s.correct(obj, pred))
     assert result is not None and (s.labels.array == obj).sum() <= TRUTH.sum()
+
+
+def test_cancel_while_a_slice_is_encoded_changes_nothing():
+    """Issue 21: cancel acts within a slice: after its encoding, before any decoder call (and between a
+    click's refining passes)."""
+    import threading
+
+    from medsam_plugin.engine.propagation import PropagationCancelled
+
+    cancel = threading.Event()
+
+    class SlowToEncode(FakePredictor):
+        def ensure_embedding(self, z):
+            cancel.set()
+            return True
+
+    s = make_session(TRUTH.copy())
+    s._predictor = SlowToEncode(TRUTH.copy())
+    obj = s.add_object("blob").label_id
+    try:
+        s.segment_slice(obj, 10, box_xyxy=bounding_box_xyxy(TRUTH[10]), cancel=cancel)
+        raise AssertionError("the cancel was not seen")
+    except PropagationCancelled as err:
+        assert "Segmenting slice 10 was cancelled; nothing was changed." in str(err)
+    assert s.predictor.calls == [] and not s.labels.array.any() and not s.seeds[obj]
+
+
+def test_a_correction_asks_its_ways_in_one_batch():
+    from types import SimpleNamespace
+
+    class Reader(FakePredictor):
+        spec = SimpleNamespace(reads_points=True, reads_masks=True, click_refine_passes=0)
+
+    s = make_session(TRUTH.copy())
+    s._predictor = Reader(TRUTH.copy())
+    obj = s.add_object("blob").label_id
+    s.segment_slice(obj, 10, box_xyxy=bounding_box_xyxy(TRUTH[10]))
+    s.segment_slice(obj, 10, points_yx=np.array([[20.0, 24.0], [5.0, 5.0]]), point_labels=np.array([1, 0]),
+                    use_current_mask=True)
+    assert s.predictor.batches == [4]  # with and without the box, logits halved, newest click alone

@@ -121,6 +121,48 @@ def test_a_real_end_between_two_seeds_is_not_filled():
     assert "empty mask" in result.stopped["up from 4"] and "empty mask" in result.stopped["down from 16"]
 
 
+def tissue_change_between(truth, zs):
+    """A fake whose object looks like another tissue on slices `zs` (mean intensity far from the
+    seeds'), so walks from both sides stop there on "intensity unlike the seed's"."""
+    fake = FakePredictor(truth)
+    fake.volume = np.where(truth, 120, 30).astype(np.uint8)
+    fake.volume[truth & (np.arange(truth.shape[1])[None, :, None] % 2 == 0)] = 130  # texture: seed std 5
+    for z in zs:
+        fake.volume[z][truth[z]] = 250
+    return fake
+
+
+INTENSITY = StopRules(policy=StopPolicy(min_iou_previous=None, max_intensity_shift=4.0))
+
+
+def test_slices_between_two_seeds_are_filled_when_both_walks_stop_early():
+    """Issue 21: the BraTS 2021 oedema kept slices 51-55 empty between two boxes, each walk stopped on
+    "intensity unlike the seed's". Between two seeds only a user's stop slice, a limit or an empty
+    answer may leave a slice empty: the walks' ends walk on with the stop policy off."""
+    truth = shifted_column()
+    fake = tissue_change_between(truth, (9, 10, 11))
+    old = run_to_completion(propagate(fake, seeds(fake, 4, 16), stop=INTENSITY, gap_fill="none"))
+    assert filled(old, 4, 16) == [4, 5, 6, 7, 8, 12, 13, 14, 15, 16]  # the hole the issue saw
+    result = run_to_completion(propagate(fake, seeds(fake, 4, 16), stop=INTENSITY))
+    assert filled(result, 4, 16) == list(range(4, 17))
+    np.testing.assert_array_equal(result.mask_zyx(truth.shape)[4:17], truth[4:17])
+    assert "intensity unlike the seed's at slice 9" in result.stopped["up from 4"]
+    assert "3 of the 3 slices left between the seeds walked on" in result.stopped["up from 4"]
+    assert all(result.confidence[z] < 0.5 for z in (9, 10, 11))  # filled, and flagged for review
+    boxed = run_to_completion(propagate(fake, seeds(fake, 4, 16), stop=INTENSITY, gap_fill="box"))
+    assert filled(boxed, 4, 16) == list(range(4, 17))
+    # Outside the seeds a walk that stops early still ends the object.
+    alone = run_to_completion(propagate(fake, seed(fake, 4), direction="up", stop=INTENSITY))
+    assert max(alone.slices) == 8
+
+
+def test_a_user_stop_slice_in_the_hole_stays_empty():
+    fake = tissue_change_between(shifted_column(), (9, 10, 11))
+    rules = dataclasses.replace(INTENSITY, stop_slices=frozenset({10}))
+    result = run_to_completion(propagate(fake, seeds(fake, 4, 16), stop=rules))
+    assert filled(result, 4, 16) == [4, 5, 6, 7, 8, 9, 11, 12, 13, 14, 15, 16]
+
+
 # ------------------------------------------------------------------------------ stop signals
 class TunableFake(FakePredictor):
     """FakePredictor with a chosen predicted IoU per slice and soft logits (for stability)."""

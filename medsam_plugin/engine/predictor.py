@@ -105,7 +105,8 @@ class SlicePredictor:
         self._geom: SliceGeometry | None = None
         self._dense_pe = None
         self.encode_count = 0
-        self.decode_count = 0
+        self.decode_count = 0  # prompts decoded
+        self.decoder_calls = 0  # mask decoder runs (`predict_many` decodes several prompts in one)
         decoder = decoder or os.environ.get(DECODER_ENV_VAR, "").strip().lower() or "fast"
         if decoder not in DECODERS:
             raise ValueError(f"Unknown decoder {decoder!r}; use one of {', '.join(DECODERS)} "
@@ -174,6 +175,15 @@ class SlicePredictor:
             self.cache.put(z, value)
         return torch.as_tensor(np.asarray(value, dtype=np.float32))[None].to(self.device)
 
+    def ensure_embedding(self, z: int) -> bool:
+        """Encode slice z now unless it is cached (the long step of a first prompt on a slice), so a
+        caller can check for a cancel between encoding and decoding. Returns whether it encoded."""
+        self._check_z(z)
+        if z in self.cache:
+            return False
+        self.cache.put(z, self._encode([z])[0])
+        return True
+
     def precompute(self, zs: Sequence[int] | None = None, batch_size: int | None = None) -> Iterator[int]:
         """Encode the slices not cached yet, `batch_size` at a time; yields how many are done.
 
@@ -214,8 +224,78 @@ class SlicePredictor:
         """
         import torch
 
-        geom = self.geometry
         self._check_z(z)
+        points, boxes, masks = self._prompt_tensors(points_yx, point_labels, box_xyxy, mask_logits_256)
+        with torch.inference_mode():
+            if self.decoder_name == "fast":
+                if self._dense_pe is None:
+                    self._dense_pe = self.sam.prompt_encoder.get_dense_pe()
+                sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=masks)
+                fast = self._fast()
+                state = self._slice_state(z) if masks is None else fast.slice_state(self.embedding(z), dense)
+                low_res, iou = fast.decode(state, sparse, multimask)
+                low_res, iou = low_res[None], iou[None]
+            else:  # the model's own prompt encoder + mask decoder, as fine-tuning runs them
+                low_res, iou = self.sam.decode(self.embedding(z), points=points, boxes=boxes, masks=masks,
+                                               multimask_output=multimask)  # low_res: 1,M,256,256; iou: 1,M
+        self.decode_count += 1
+        self.decoder_calls += 1
+        return self._prediction(z, low_res[0], iou[0], multimask, points_yx, point_labels, box_xyxy, mask_logits_256)
+
+    def predict_many(self, z: int, prompts: Sequence[dict], multimask: bool = False) -> list[SlicePrediction]:
+        """Several prompts on slice z in one decoder call; the answers `predict` gives each, in order.
+
+        prompts: dicts of `predict`'s keyword arguments (points_yx, point_labels, box_xyxy,
+            mask_logits_256). A correction asks the model several ways at once: one call instead
+            of one per way (the fast decoder's `decode_batch`; the reference decoder answers them
+            one by one, as the model's own code would).
+        """
+        import torch
+
+        self._check_z(z)
+        prompts = list(prompts)
+        if not prompts:
+            return []
+        if self.decoder_name != "fast" or len(prompts) == 1:
+            return [self.predict(z, multimask=multimask, **p) for p in prompts]
+        tensors = [self._prompt_tensors(p.get("points_yx"), p.get("point_labels"), p.get("box_xyxy"),
+                                        p.get("mask_logits_256")) for p in prompts]
+        with torch.inference_mode():
+            if self._dense_pe is None:
+                self._dense_pe = self.sam.prompt_encoder.get_dense_pe()
+            encoder, fast = self.sam.prompt_encoder, self._fast()
+            # Prompts that share a mask prompt (the same array) share its dense embedding and the
+            # image side of the decoder's first block (`slice_state`).
+            states: dict = {}
+            sparse_list, state_list = [], []
+            for p, (points, boxes, masks) in zip(prompts, tensors):
+                sparse, dense = encoder(points=points, boxes=boxes, masks=None)
+                sparse_list.append(sparse[0])
+                if masks is None:
+                    state_list.append(self._slice_state(z))
+                    continue
+                key = id(p["mask_logits_256"])
+                if key not in states:
+                    states[key] = fast.slice_state(self.embedding(z), encoder(points=None, boxes=None, masks=masks)[1])
+                state_list.append(states[key])
+            longest = max(sp.shape[0] for sp in sparse_list)
+            sparse = sparse_list[0].new_zeros(len(prompts), longest, sparse_list[0].shape[-1])  # (B, K, D)
+            valid = torch.zeros(len(prompts), longest, dtype=torch.bool, device=sparse.device)
+            for i, sp in enumerate(sparse_list):
+                sparse[i, :sp.shape[0]] = sp
+                valid[i, :sp.shape[0]] = True
+            low_res, iou = fast.decode_batch(state_list, sparse, valid, multimask)
+        self.decode_count += len(prompts)
+        self.decoder_calls += 1
+        return [self._prediction(z, low_res[i], iou[i], multimask, p.get("points_yx"), p.get("point_labels"),
+                                 p.get("box_xyxy"), p.get("mask_logits_256")) for i, p in enumerate(prompts)]
+
+    def _prompt_tensors(self, points_yx, point_labels, box_xyxy, mask_logits_256):
+        """The prompts of one `predict`, checked, as the prompt encoder's tensors in the model's frame:
+        (points (coords (1, N, 2) xy, labels (1, N)) or None, boxes (1, 4) or None, masks (1, 1, 256, 256) or None)."""
+        import torch
+
+        geom = self.geometry
         points = None
         if points_yx is not None and len(points_yx):
             pts_yx = np.asarray(points_yx, dtype=np.float32).reshape(-1, 2)
@@ -244,32 +324,25 @@ class SlicePredictor:
             masks = torch.as_tensor(mask_logits).reshape(1, 1, 256, 256).to(self.device)
         if points is None and boxes is None and masks is None:
             raise ValueError("A prediction needs at least one prompt: points, a box, or a mask.")
+        return points, boxes, masks
+
+    def _prediction(self, z, low_res, iou, multimask, points_yx, point_labels, box_xyxy, mask_logits_256):
+        """A SlicePrediction from one prompt's decoder output: low_res (M, 256, 256), iou (M,)."""
+        import torch
 
         with torch.inference_mode():
-            if self.decoder_name == "fast":
-                if self._dense_pe is None:
-                    self._dense_pe = self.sam.prompt_encoder.get_dense_pe()
-                sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=masks)
-                fast = self._fast()
-                state = self._slice_state(z) if masks is None else fast.slice_state(self.embedding(z), dense)
-                low_res, iou = fast.decode(state, sparse, multimask)
-                low_res, iou = low_res[None], iou[None]
-            else:  # the model's own prompt encoder + mask decoder, as fine-tuning runs them
-                low_res, iou = self.sam.decode(self.embedding(z), points=points, boxes=boxes, masks=masks,
-                                               multimask_output=multimask)  # low_res: 1,M,256,256; iou: 1,M
-            full = logits_to_mask(low_res[0], geom)  # M,H,W
-        self.decode_count += 1
-        ious = iou[0].float().cpu().numpy()
+            full = logits_to_mask(low_res, self.geometry)  # M,H,W
+        ious = iou.float().cpu().numpy()
         masks_yx = (full > 0).cpu().numpy()
         best = int(np.argmax(ious)) if multimask else 0
         return SlicePrediction(
             z=int(z),
             mask_yx=masks_yx[best],
-            logits_256=low_res[0, best].float().cpu().numpy(),
+            logits_256=low_res[best].float().cpu().numpy(),
             iou=float(ious[best]),
             all_masks_yx=masks_yx if multimask else None,
             all_ious=ious if multimask else None,
-            all_logits_256=low_res[0].float().cpu().numpy() if multimask else None,
+            all_logits_256=low_res.float().cpu().numpy() if multimask else None,
             prompt={"points_yx": points_yx, "point_labels": point_labels, "box_xyxy": box_xyxy,
                     "mask": mask_logits_256 is not None},
         )

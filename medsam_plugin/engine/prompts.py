@@ -137,7 +137,17 @@ def _numbers(value, where: str, what: str) -> np.ndarray:
         if isinstance(value, (str, bytes, dict)) or value is None:
             raise TypeError
         array = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError, OverflowError):
+    except OverflowError:
+        # A JSON integer too long for a float (e.g. 401 digits) is a number, just not a usable one.
+        def flat(v):
+            return [x for item in v for x in flat(item)] if isinstance(v, list) else [v]
+
+        huge = next((v for v in flat(value) if isinstance(v, int) and not isinstance(v, bool) and abs(v) > 1e300),
+                    None)
+        digits = f" ({len(str(abs(huge)))} digits)" if huge is not None else ""
+        raise PromptError(f"{where}: a coordinate{digits} is not a usable number: it is far too large for any "
+                          f"image. Fix the prompts file.") from None
+    except (TypeError, ValueError):
         raise PromptError(f"{where}: needs {what}; got {json.dumps(value)[:60]}.") from None
     if not np.all(np.isfinite(array)):
         raise PromptError(f"{where}: the coordinates must be finite numbers; got {np.asarray(array).tolist()} "

@@ -37,6 +37,26 @@ FALLBACK_MODE = "box"
 CANDIDATE_RULES = ("single", "consistent")
 DEFAULT_CANDIDATES = "single"
 BOX_MARGIN_256 = 3.0
+# What fills the slices two seeds' walks left between them when both stopped on the stop policy:
+#   none      nothing (the rule until issue 21)
+#   relaxed   each end walks on towards the other with the stop policy off
+#   box       each slice is prompted with the box interpolated between the walks' last masks
+GAP_FILLS = ("none", "relaxed", "box")
+DEFAULT_GAP_FILL = "relaxed"
+# Why a walk ended, where the object may still go on: the stop policy's reasons (not a stop
+# slice, a limit, an empty answer or an agreement with the existing result).
+POLICY_REASONS = ("low predicted IoU", "low overlap with previous slice", "unstable mask", "intensity unlike the seed's",
+                  "mask grew too fast", "mask shrank far below the seed's")
+
+
+def _early(reason: str | None) -> bool:
+    """Whether a walk's stop reason is one of the stop policy's (see POLICY_REASONS)."""
+    return reason is not None and reason.startswith(POLICY_REASONS)
+
+
+def _barred(reason: str | None) -> bool:
+    """Whether a walk ended at a slice the user or the caller barred (`StopRules.allows`)."""
+    return reason is not None and reason.startswith(("stop slice", "z-range limit", "distance limit"))
 
 
 @dataclass(frozen=True)
@@ -289,13 +309,20 @@ class StopRules:
 
 @dataclass
 class Progress:
-    """One step of long work: `done` of about `total` steps; `z` and `prediction` when a slice ended."""
+    """One step of long work: `done` of about `total` steps; `z` and `prediction` when a slice ended.
+
+    kind: "work" (a slice, a batch...) or "prepare": a slow one-time step before the work, whose
+        `message` a front end should show as it is (e.g. "Preparing the fast encoder (one time,
+        about 60 s)...", `SegmentationSession.prepare`); `estimate_s` then says how long it should take.
+    """
 
     done: int
     total: int
     message: str = ""
     z: int | None = None
     prediction: SlicePrediction | None = None
+    kind: str = "work"
+    estimate_s: float | None = None
 
 
 @dataclass
@@ -327,6 +354,12 @@ class PropagationResult:
 
 class PropagationCancelled(Exception):
     """Raised inside a propagation generator when its cancel event is set."""
+
+
+def check_cancel(cancel: threading.Event | None, what: str = "Propagation") -> None:
+    """Raise PropagationCancelled ("<what> was cancelled; nothing was changed.") when `cancel` is set."""
+    if cancel is not None and cancel.is_set():
+        raise PropagationCancelled(f"{what} was cancelled; nothing was changed.")
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -454,12 +487,16 @@ def _walk(predictor, start: SlicePrediction, targets: list[int], seed: SlicePred
             signals = dataclasses.replace(signals, area_ratio_previous=1.0)
         return signals
 
+    encode = getattr(predictor, "ensure_embedding", None)
     for z in targets:
-        if cancel is not None and cancel.is_set():
-            raise PropagationCancelled("Propagation was cancelled; nothing was changed.")
+        check_cancel(cancel)
         reason = stop.allows(z, abs(z - seed.z))
         signals = None
         if reason is None:
+            if encode is not None:
+                # Encoding is most of a new slice's time: a cancel pressed meanwhile acts before the decoder.
+                encode(z)
+                check_cancel(cancel)
             agreement = None
             if candidates == "consistent":
                 raw = predictor.predict(z, multimask=True, **prompt_from_previous(previous, mode, hw))
@@ -478,6 +515,7 @@ def _walk(predictor, start: SlicePrediction, targets: list[int], seed: SlicePred
                 # Mask-only mode stays mask-only: it measures whether the model reads the mask.
                 # The retry is held to the growth test even on a walk from a click seed: exempt, it
                 # let the spleen's click walk bloom (click protocol 0.906 -> 0.776, nothing gained).
+                check_cancel(cancel)
                 retry = predictor.predict(z, **prompt_from_previous(previous, FALLBACK_MODE, hw))
                 if retry.mask_yx.any():
                     retry_signals = slice_signals(retry, previous, seed, seed_stats, volume[z], None)
@@ -499,6 +537,7 @@ def propagate(
     direction: str = "both",
     cancel: threading.Event | None = None,
     candidates: str = DEFAULT_CANDIDATES,
+    gap_fill: str = DEFAULT_GAP_FILL,
 ) -> Generator[Progress, None, PropagationResult]:
     """Propagate one object from its seeded slices through the predictor's volume.
 
@@ -516,6 +555,8 @@ def propagate(
         direction: "both", "up" (increasing z) or "down".
         cancel: when set, the generator raises PropagationCancelled at the next slice.
         candidates: one of CANDIDATE_RULES.
+        gap_fill: one of GAP_FILLS: how slices between two seeds are filled when both walks there
+            stopped on the stop policy (not on a stop slice, a limit or an empty answer).
     Yields:
         Progress after each slice. Returns the PropagationResult (use `run_to_completion`).
     """
@@ -527,8 +568,13 @@ def propagate(
         raise ValueError(f"Unknown propagation mode {mode!r}; choose one of {', '.join(PROMPT_MODES)}.")
     if candidates not in CANDIDATE_RULES:
         raise ValueError(f"candidates must be one of {', '.join(CANDIDATE_RULES)}, not {candidates!r}.")
+    if gap_fill not in GAP_FILLS:
+        raise ValueError(f"gap_fill must be one of {', '.join(GAP_FILLS)}, not {gap_fill!r}.")
     stop = stop or StopRules()
     walk = WalkSettings(mode=mode, stop=stop, candidates=candidates, cancel=cancel)
+    # The walks that fill a hole between two seeds: the stop policy off, the limits kept.
+    relaxed = dataclasses.replace(walk, stop=dataclasses.replace(
+        stop, policy=StopPolicy.off(), min_iou_with_previous=None, min_predicted_iou=None))
     n = predictor.n_slices
     order = sorted(seeds)
     # The plan: outer walks and the gaps between neighbouring seeds, in visiting order.
@@ -547,10 +593,10 @@ def propagate(
     stop_signals: dict[str, SliceSignals] = {}
     progress = {"done": 0, "cap": 0}
 
-    def run(name, seed_z, start, targets):
+    def run(name, seed_z, start, targets, settings=walk):
         """Run one walk; yields Progress, returns (last kept prediction, stop reason or None)."""
         last = start
-        for z, pred, reason, sig in _walk(predictor, start, targets, seeds[seed_z], walk):
+        for z, pred, reason, sig in _walk(predictor, start, targets, seeds[seed_z], settings):
             progress["done"] = min(progress["done"] + 1, progress["cap"])  # a gap slice may be tried twice
             if pred is None:
                 if sig is not None:
@@ -562,6 +608,46 @@ def propagate(
                 confidence[z] = slice_confidence(sig)
             yield Progress(progress["done"], total, f"slice {z}", z=z, prediction=pred)
         return last, None
+
+    def meet(up, down, lower, upper, start_up, start_down, settings):
+        """Walk a gap from both ends: each towards the middle, and on past it where the other stopped
+        short. Yields Progress; returns (last kept up, reason up, last kept down, reason down)."""
+        middle = (start_up.z + start_down.z) // 2
+        last_up, reason_up = yield from run(up, lower, start_up, list(range(start_up.z + 1, middle + 1)), settings)
+        # The walk down covers what the walk up left: past the middle when that one stopped early.
+        last_down, reason_down = yield from run(down, upper, start_down,
+                                                list(range(start_down.z - 1, last_up.z, -1)), settings)
+        if reason_up is None and reason_down is not None and last_down.z - last_up.z > 1:
+            # The walk down stopped before the middle: the walk up carries on through the rest.
+            more_up, reason_up = yield from run(up, lower, last_up, list(range(last_up.z + 1, last_down.z)), settings)
+            if reason_up is None:
+                reason_up = (f"met the walk from the neighbouring seed (carried on to slice {more_up.z}: "
+                             f"the walk from {upper} stopped early)")
+            return more_up, reason_up, last_down, reason_down
+        reason_up = reason_up or "met the walk from the neighbouring seed"
+        if reason_down is None:
+            reason_down = "met the walk from the neighbouring seed"
+            if last_down.z <= middle:
+                reason_down += f" (carried on to slice {last_down.z}: the walk from {lower} stopped early)"
+        return last_up, reason_up, last_down, reason_down
+
+    def box_fill(name, seed_z, low, high, hole):
+        """Prompt each slice of `hole` with the box interpolated between the masks of `low` and `high`."""
+        box_low, box_high = bounding_box_xyxy(low.mask_yx), bounding_box_xyxy(high.mask_yx)
+        volume = predictor.volume
+        seed = seeds[seed_z]
+        seed_stats = intensity_stats(volume[seed.z], seed.mask_yx)
+        for z in hole:
+            check_cancel(cancel)
+            t = (z - low.z) / (high.z - low.z)
+            pred = predictor.predict(z, box_xyxy=((1 - t) * box_low + t * box_high).astype(np.float32))
+            progress["done"] = min(progress["done"] + 1, progress["cap"])
+            if not pred.mask_yx.any():
+                continue
+            nearer = low if z - low.z <= high.z - z else high
+            sig = slice_signals(pred, nearer, seed, seed_stats, volume[z])
+            predictions[z], signals[z], confidence[z] = pred, sig, slice_confidence(sig)
+            yield Progress(progress["done"], total, f"slice {z}", z=z, prediction=pred)
 
     stopped: dict[str, str] = {}
     yield Progress(0, total, "propagating")
@@ -583,24 +669,28 @@ def propagate(
                 stopped[up] = stopped[down] = "no slices between seeds"
                 progress["done"] = progress["cap"]
                 continue
-            middle = (lower + upper) // 2
-            last_up, reason_up = yield from run(up, lower, seeds[lower], list(range(lower + 1, middle + 1)))
-            # The walk down covers what the walk up left: past the middle when that one stopped early.
-            last_down, reason_down = yield from run(down, upper, seeds[upper], list(range(upper - 1, last_up.z, -1)))
-            if reason_up is None and reason_down is not None and last_down.z - last_up.z > 1:
-                # The walk down stopped before the middle: the walk up carries on through the rest.
-                more_up, reason_up = yield from run(up, lower, last_up, list(range(last_up.z + 1, last_down.z)))
-                if reason_up is None:
-                    reason_up = (f"met the walk from the neighbouring seed (carried on to slice {more_up.z}: "
-                                 f"the walk from {upper} stopped early)")
-                stopped[up], stopped[down] = reason_up, reason_down
-            else:
-                stopped[up] = reason_up or "met the walk from the neighbouring seed"
-                if reason_down is None:
-                    reason_down = "met the walk from the neighbouring seed"
-                    if last_down.z <= middle:
-                        reason_down += f" (carried on to slice {last_down.z}: the walk from {lower} stopped early)"
-                stopped[down] = reason_down
+            last_up, reason_up, last_down, reason_down = yield from meet(up, down, lower, upper, seeds[lower],
+                                                                         seeds[upper], walk)
+            hole = [z for z in range(last_up.z + 1, last_down.z) if z not in predictions]
+            if (hole and gap_fill != "none" and any(_early(r) for r in (reason_up, reason_down))
+                    and not any(_barred(r) for r in (reason_up, reason_down))):
+                # Both walks stopped on a rule of thumb between two slices the user says hold the
+                # object (issue 21: the BraTS 2021 oedema kept slices 51-55 empty between two boxes).
+                # Only a user's stop slice, a limit or an empty answer may leave such a hole.
+                filled_before = len(predictions)
+                if gap_fill == "relaxed":
+                    # Each end walks on towards the other with the stop policy off.
+                    _, more_up, _, more_down = yield from meet(up, down, lower, upper, last_up, last_down, relaxed)
+                    why = "walked on from both ends with the stop policy off"
+                else:  # "box": each slice prompted with the box interpolated between the walks' ends
+                    more_up = more_down = None
+                    yield from box_fill(up, lower, last_up, last_down, hole)
+                    why = "prompted with the box interpolated between the walks' ends"
+                added = len(predictions) - filled_before
+                note = f"; {added} of the {len(hole)} slices left between the seeds {why}"
+                reason_up = f"{reason_up}{note}" + (f" (then {more_up})" if more_up else "")
+                reason_down = f"{reason_down}{note}" + (f" (then {more_down})" if more_down else "")
+            stopped[up], stopped[down] = reason_up, reason_down
         progress["done"] = progress["cap"]  # slices the walks will never visit
     yield Progress(total, total, "done")
     return PropagationResult(predictions, stopped, confidence, signals, stop_signals)

@@ -28,7 +28,7 @@ from .labels import LabelVolume, SegmentedObject
 from .predictor import SlicePrediction, SlicePredictor
 from .preprocessing import normalize_volume, parse_window
 from .propagation import (DEFAULT_CANDIDATES, DEFAULT_MODE, Progress, PropagationResult, SliceSignals, StopRules,
-                          propagate)
+                          propagate, run_to_completion)
 
 log = logging.getLogger(__name__)
 
@@ -161,20 +161,47 @@ class SegmentationSession:
 
     @property
     def predictor(self) -> SlicePredictor:
-        """The predictor, loading the model on first use."""
-        with self._lock:
-            if self._predictor is None:
+        """The predictor, loading the model on first use (`prepare` does the same and says so)."""
+        return run_to_completion(self.prepare())
+
+    def prepare(self) -> Generator[Progress, None, SlicePredictor]:
+        """Load the model and build its encoder path unless done already; returns the predictor.
+
+        Yields Progress of kind "prepare" before each slow step: "Loading the model ...", and, when
+        the fast encoder must first be converted for OpenVINO (once per weights and OpenVINO
+        version; the result is cached), "Preparing the fast encoder (one time, about N s)..." with
+        `estimate_s`, then a last Progress when it is ready. A front end runs this before the first
+        prompt (the CLI prints the messages; the widget shows them in its status line) so that no
+        long wait is silent. Nothing is yielded when the predictor exists already.
+        """
+        if self._predictor is not None:
+            return self._predictor
+        from ..model.fast import make_encoder, pending_conversion_s
+
+        # The lock is never held across a yield: a caller may drop this generator half-way.
+        if self._loaded is None:
+            yield Progress(0, 2, f"Loading the model {self.model_name}...", kind="prepare")
+            with self._lock:
                 if self._loaded is None:
                     from ..model.registry import load_model
 
                     self._loaded = load_model(self.model_name, device=self.device)
                     log.info("model %s on %s", self._loaded.spec.name, self._loaded.device)
-                from ..model.fast import make_encoder
-
-                encoder = make_encoder(self._loaded)
-                self._predictor = SlicePredictor(self._loaded, cache=self._cache, encoder=encoder)
-                self._predictor.set_volume(self.image_u8)
-            return self._predictor
+        seconds = pending_conversion_s(self._loaded) if self._predictor is None else None
+        if seconds is not None:
+            yield Progress(1, 2, f"Preparing the fast encoder (one time, about {seconds:.0f} s)...",
+                           kind="prepare", estimate_s=seconds)
+        notes: list[str] = []
+        with self._lock:
+            if self._predictor is None:
+                encoder = make_encoder(self._loaded, on_progress=lambda message, _: notes.append(message))
+                predictor = SlicePredictor(self._loaded, cache=self._cache, encoder=encoder)
+                predictor.set_volume(self.image_u8)
+                self._predictor = predictor
+            predictor = self._predictor
+        if seconds is not None:
+            yield Progress(2, 2, notes[-1] if notes else "The model is ready.", kind="prepare")
+        return predictor
 
     @property
     def loaded_model(self):
@@ -201,7 +228,7 @@ class SegmentationSession:
 
         batch_size: None lets the encoder path choose (8 with OpenVINO or CUDA, 1 for torch on CPU, as measured).
         """
-        predictor = self.predictor
+        predictor = yield from self.prepare()
         zs = list(range(self.shape_zyx[0])) if zs is None else list(zs)
         todo = [z for z in zs if not predictor.has_embedding(z)]
         yield Progress(0, len(todo), "encoding slices")
@@ -586,12 +613,14 @@ class SegmentationSession:
     # ------------------------------------------------------------------ one slice
     def segment_slice(self, label_id: int, z: int, points_yx=None, point_labels=None, box_xyxy=None,
                       use_current_mask: bool = False, multimask: bool | None = None,
-                      commit: bool = True) -> SlicePrediction:
+                      commit: bool = True, cancel: threading.Event | None = None) -> SlicePrediction:
         """Segment object `label_id` on slice z from the user's prompts and make it a seed.
 
         use_current_mask: also give the object's current result on this slice as a dense prompt
             (for corrections: clicks refine what is there instead of starting over).
         multimask: None picks SAM's rule: several candidates for a lone point, one otherwise.
+        cancel: when set, PropagationCancelled is raised at the next step (after encoding the slice,
+            between the click's refining passes) and nothing changes.
         """
         self._require(label_id)
         n_points = 0 if points_yx is None else len(np.asarray(points_yx).reshape(-1, 2))
@@ -620,7 +649,15 @@ class SegmentationSession:
                 and getattr(spec, "reads_masks", False) and box_xyxy is None \
                 and np.any(np.asarray(point_labels).reshape(-1) == 1):
             beyond = self._nearest_result(label_id, z)
+        from .propagation import check_cancel
+
+        what = f"Segmenting slice {z}"
         with self._lock:
+            check_cancel(cancel, what)
+            encode = getattr(self.predictor, "ensure_embedding", None)
+            if encode is not None:
+                encode(z)  # the long step; a cancel pressed meanwhile acts before the decoder
+                check_cancel(cancel, what)
             if beyond is not None:
                 pred = self._answer_beyond_walk(z, points_yx, point_labels, beyond, refine)
                 refine = 0
@@ -630,10 +667,12 @@ class SegmentationSession:
                 pred = self.predictor.predict(z, points_yx=points_yx, point_labels=point_labels, box_xyxy=box_xyxy,
                                               mask_logits_256=mask_logits, multimask=multimask)
             for _ in range(refine):
+                check_cancel(cancel, what)
                 answer = self.predictor.predict(z, points_yx=points_yx, point_labels=point_labels,
                                                 mask_logits_256=pred.logits_256, multimask=False)
                 # The prompt the user gave is what the slice remembers (and a correction builds on).
                 pred = dataclasses.replace(answer, prompt={**answer.prompt, "mask": False})
+        check_cancel(cancel, what)
         if commit:
             self.accept(label_id, pred)
         return pred
@@ -659,9 +698,10 @@ class SegmentationSession:
         rows = np.clip(np.rint(points[:, 0]).astype(int), 0, h - 1)
         cols = np.clip(np.rint(points[:, 1]).astype(int), 0, w - 1)
         best, best_key = None, None
-        for pts, lbs, box, lg in asks:
-            answer = self.predictor.predict(z, points_yx=pts, point_labels=lbs, box_xyxy=box, mask_logits_256=lg,
-                                            multimask=False)
+        # One decoder call for all the ways (issue 21: asked one by one, a correction took 3-4 box re-prompts).
+        answers = self.predictor.predict_many(z, [dict(points_yx=pts, point_labels=lbs, box_xyxy=box, mask_logits_256=lg)
+                                                  for pts, lbs, box, lg in asks])
+        for answer in answers:
             honoured = _clicks_honoured(answer.mask_yx, rows, cols, labels)
             key = (-honoured, int((answer.mask_yx ^ previous.mask_yx).sum()))
             if best_key is None or key < best_key:
@@ -701,10 +741,10 @@ class SegmentationSession:
         points = np.asarray(points_yx, dtype=np.float64).reshape(-1, 2)
         labels = np.asarray(point_labels).reshape(-1)
         walk = prompt_from_previous(nearest, "box+mask", nearest.mask_yx.shape)
-        answers = [self.predictor.predict(z, points_yx=points, point_labels=labels, box_xyxy=walk["box_xyxy"],
-                                          mask_logits_256=walk["mask_logits_256"], multimask=False),
-                   self.predictor.predict(z, points_yx=points, point_labels=labels,
-                                          mask_logits_256=walk["mask_logits_256"], multimask=False)]
+        # Both ways the walk would ask go to the decoder in one call (a correction's latency).
+        answers = list(self.predictor.predict_many(z, [
+            dict(points_yx=points, point_labels=labels, box_xyxy=walk["box_xyxy"], mask_logits_256=walk["mask_logits_256"]),
+            dict(points_yx=points, point_labels=labels, box_xyxy=None, mask_logits_256=walk["mask_logits_256"])]))
         alone = self.predictor.predict(z, points_yx=points, point_labels=labels, multimask=False)
         for _ in range(refine_passes):
             alone = self.predictor.predict(z, points_yx=points, point_labels=labels, mask_logits_256=alone.logits_256,

@@ -37,9 +37,9 @@ from typing import Mapping
 import numpy as np
 
 from .formats import DICOM_SEG_SUFFIX, has_suffix
-from .readers import ImageReadError, LabelMismatchError
+from .errors import ImageReadError, LabelMismatchError, LabelWriteError
+from .label_files import _atomic_write, _prepare_labels, _rgba255
 from .volume import Volume
-from .writers import LabelWriteError, _atomic_write, _prepare_labels, _rgba255
 
 __all__ = [
     "SEG_SOP_CLASS_UID",

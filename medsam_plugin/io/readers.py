@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import ImageReadError, LabelMismatchError
+from .geometry import lps_to_ras_affine, ras_to_lps_geometry  # noqa: F401  (re-exported)
 from .formats import IMAGE_SUFFIXES, NIFTI_SUFFIXES, SITK_SUFFIXES, as_label_array, matching_suffix
 from .volume import Volume, guess_modality
 
@@ -41,36 +43,6 @@ _SOP_INSTANCE_UID_TAG = "0008|0018"
 _IMAGE_POSITION_TAG = "0020|0032"
 # Series of these modalities hold no image volume (segmentations, structure sets, reports...).
 NON_IMAGE_MODALITIES = ("SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "SR", "PR", "KO", "REG")
-
-
-class ImageReadError(Exception):
-    """A volume or label map could not be read; the message says which file, why, and what to do."""
-
-
-class LabelMismatchError(ImageReadError):
-    """A label map does not fit its reference image (shape or voxel-to-world geometry differ)."""
-
-
-# -- geometry conversions -------------------------------------------------------------------
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-def lps_to_ras_affine(origin_lps, spacing, direction_lps) -> np.ndarray:
-    """ITK geometry (origin, spacing along i,j,k, row-major 3x3 direction; LPS) -> 4x4 RAS affine."""
-    direction = np.asarray(direction_lps, dtype=np.float64).reshape(3, 3)
-    aff_lps = np.eye(4)
-    aff_lps[:3, :3] = direction * np.asarray(spacing, dtype=np.float64)[None, :]
-    aff_lps[:3, 3] = np.asarray(origin_lps, dtype=np.float64)
-    return _LPS_TO_RAS @ aff_lps
-
-
-def ras_to_lps_geometry(affine_ras: np.ndarray) -> tuple[tuple, tuple, tuple]:
-    """4x4 RAS affine -> ITK (origin, spacing, direction) in LPS, as SimpleITK setters expect."""
-    aff_lps = _LPS_TO_RAS @ np.asarray(affine_ras, dtype=np.float64)
-    m = aff_lps[:3, :3]
-    spacing = np.sqrt((m**2).sum(axis=0))
-    direction = m / spacing[None, :]
-    return tuple(aff_lps[:3, 3].tolist()), tuple(spacing.tolist()), tuple(direction.reshape(-1).tolist())
 
 
 # -- format detection -----------------------------------------------------------------------
@@ -148,6 +120,10 @@ def read_volume(
     data, n_filled = _check_finite(data, p, nonfinite)
     if n_filled:
         extra["nonfinite_filled"] = n_filled
+    if isinstance(header, dict) and header.get(IRREGULAR_SLICES):
+        # Read anyway: a DICOM SEG is written on the acquired slices; anything that needs the
+        # millimetres between slices (a label map's affine, world coordinates) must check this.
+        extra[IRREGULAR_SLICES] = header[IRREGULAR_SLICES]
 
     if modality is not None:
         if modality not in ("CT", "MR", "unknown"):
@@ -263,16 +239,21 @@ def list_dicom_series(folder: str | os.PathLike) -> list[dict]:
 # -- format-specific readers ----------------------------------------------------------------
 # Deflate never compresses better than about 1032:1, so a gzip file of n bytes holds at most
 # ~1032 n bytes: a header that declares more is refused before anything is allocated.
-_MAX_DEFLATE_RATIO = 1032
+# bzip2 packs at most 45,899,236 bytes into one block (900,000 bytes after its first run-length
+# step, each 5 of them a run of up to 255), and a block costs at least about 22 bytes (headers,
+# CRC, symbol map, selectors, two code tables): at most ~2.1 million bytes per file byte. 20 bytes
+# a block is assumed, to stay on the safe side (1 GiB of zeros takes 785 bytes: 1.4 million:1).
+_MAX_RATIO = {"gzip": 1032, True: 1032, "bzip2": 45_899_236 // 20}
 
 
-def _check_payload(p: Path, shape, itemsize: int, payload_bytes: int, compressed: bool) -> None:
-    """Refuse a header whose declared voxels cannot be in the file (a damaged or hostile header)."""
+def _check_payload(p: Path, shape, itemsize: int, payload_bytes: int, compressed) -> None:
+    """Refuse a header whose declared voxels cannot be in the file (a damaged or hostile header).
+    compressed: False (raw bytes), True or "gzip" (deflate), "bzip2"."""
     n_voxels = 1
     for s in shape:
         n_voxels *= max(int(s), 0)
     needed = n_voxels * int(itemsize)
-    available = payload_bytes * _MAX_DEFLATE_RATIO + 65536 if compressed else payload_bytes  # slack: headers
+    available = payload_bytes * _MAX_RATIO[compressed] + 65536 if compressed else payload_bytes  # slack: headers
     if needed > available:
         shape_text = "x".join(str(int(s)) for s in shape)
         raise ImageReadError(
@@ -347,6 +328,12 @@ _NRRD_BYTES = {"int8": 1, "uint8": 1, "char": 1, "uchar": 1, "signed char": 1, "
                "ulonglong": 8, "int64": 8, "uint64": 8, "long long": 8, "unsigned long long": 8}
 
 
+# NRRD encodings -> how the file's bytes bound the voxel bytes: False raw, "gzip" / "bzip2" a
+# compressed stream (see _MAX_RATIO), None text (ascii, hex).
+_NRRD_ENCODINGS = {"raw": False, "gzip": "gzip", "gz": "gzip", "bzip2": "bzip2", "bz2": "bzip2", "ascii": None,
+                   "text": None, "txt": None, "hex": None}
+
+
 def _check_sitk_declared_size(p: Path, fmt: str) -> None:
     """MetaImage / NRRD: compare the size the text header declares with the data in the file,
     before SimpleITK allocates it (a 100-byte file declaring 1024^3 voxels is refused at once)."""
@@ -392,27 +379,50 @@ def _check_sitk_declared_size(p: Path, fmt: str) -> None:
             text = head.decode("latin-1")
             if not text.startswith("NRRD"):
                 return
-            header_text, sep, _ = text.partition("\n\n")
-            if not sep:
-                return
+            header_text, sep, _ = text.partition("\n\n")  # a detached header (.nhdr) may just end
             fields = {}
             for line in header_text.splitlines()[1:]:
                 if line.startswith("#") or ":" not in line or ":=" in line:
                     continue
                 key, _, value = line.partition(":")
                 fields[key.strip().lower()] = value.strip()
-            if "sizes" not in fields or "data file" in fields or "datafile" in fields:
+            if "sizes" not in fields:
                 return
             shape = [int(v) for v in fields["sizes"].split()]
             itemsize = _NRRD_BYTES.get(fields.get("type", "").lower())
             encoding = fields.get("encoding", "raw").lower()
-            if itemsize is None or encoding not in ("raw", "gzip", "gz"):
-                return  # bzip2, text encodings: no cheap bound, SimpleITK decides
-            payload = size - len((header_text + sep).encode("latin-1"))
-            compressed = encoding != "raw"
+            if itemsize is None or encoding not in _NRRD_ENCODINGS:
+                return  # an encoding without a cheap bound: SimpleITK decides
+            data_file = fields.get("data file", fields.get("datafile"))
+            if data_file is None:
+                if not sep:
+                    return
+                header_bytes = len((header_text + sep).encode("latin-1"))
+                if header_bytes > len(head):  # a header longer than what was read: no bound here
+                    return
+                payload = size - header_bytes
+            elif data_file.upper().startswith("LIST") or "%" in data_file or " " in data_file.strip():
+                return  # several data files: SimpleITK decides
+            else:  # a detached header: the voxels are in another file
+                target = p.parent / data_file.strip()
+                if not target.is_file():
+                    raise ImageReadError(f"Cannot read '{p}': its data file '{target}' (\"data file:\" in the header) "
+                                         f"does not exist. Keep the .nhdr and its data file together.")
+                payload = target.stat().st_size
+            compressed = _NRRD_ENCODINGS[encoding]
+            if compressed is None:  # text: a value takes a digit and a separator (the last none), a byte two hex digits
+                if encoding == "hex":
+                    itemsize = 2 * itemsize
+                else:
+                    itemsize, payload = 2, payload + 1
+                compressed = False
     except (ValueError, UnicodeDecodeError):
         return  # an unusual header: SimpleITK decides
     _check_payload(p, shape, itemsize, payload, compressed)
+    if compressed == "bzip2":  # SimpleITK would allocate the whole volume first, then fail to decode it
+        raise ImageReadError(f"Cannot read '{p}': its voxels are bzip2-compressed, which the NRRD reader here "
+                             f"(SimpleITK) cannot decode. Save it again with gzip or raw encoding, or convert it to "
+                             f"NIfTI (.nii.gz).")
 
 
 def _read_sitk_file(p: Path, fmt: str) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -488,7 +498,53 @@ def _read_dicom(folder: Path, series_uid: str | None) -> tuple[np.ndarray, np.nd
     header["dicom_files"] = tuple(str(f) for f in files)
     header["sop_instance_uids"] = tuple(_slice_tag(reader, k, _SOP_INSTANCE_UID_TAG) for k in range(len(files)))
     header["image_positions_lps"] = tuple(_slice_tag(reader, k, _IMAGE_POSITION_TAG) for k in range(len(files)))
+    note = _irregular_slices(folder, files, header["image_positions_lps"], image)
+    if note:
+        header[IRREGULAR_SLICES] = note
     return _sitk_to_ijk(image, folder, header)
+
+
+# Volume.extra key (and DICOM header key) of a series whose slices do not lie on the volume's grid.
+IRREGULAR_SLICES = "irregular_slices"
+_POSITION_FRACTION = 0.05  # of the slice spacing: how far a slice may lie from its place on the grid
+
+
+def _irregular_slices(folder: Path, files, positions_text, image) -> str:
+    """"" when the series' slices lie on the regular grid its Volume describes, else a sentence saying
+    how they do not (a missing slice, uneven spacing, a gantry tilt). Two slices at one position are
+    refused: no 3D volume has them, so the series is mixed or damaged.
+
+    SimpleITK stacks the files and gives the volume one slice spacing: right for the slices
+    themselves (slice k is file k, and a DICOM SEG takes each frame's position from its file), wrong
+    in millimetres between them, which a label map with one affine would carry (issue 21: slices at
+    0, 5, 15 and 20 mm were read as four slices 6.67 mm apart)."""
+    try:
+        positions = np.array([[float(v) for v in str(t).split("\\")] for t in positions_text], dtype=np.float64)
+    except ValueError:
+        return ""
+    if positions.shape != (len(files), 3) or len(files) < 2:
+        return ""
+    normal = np.asarray(image.GetDirection(), dtype=np.float64).reshape(image.GetDimension(), -1)[:3, 2]
+    along = positions @ normal
+    steps = np.diff(along)
+    spacing = float(image.GetSpacing()[2])
+    tolerance = _POSITION_FRACTION * max(float(np.median(np.abs(steps))), 1e-6)
+    same = np.flatnonzero(np.abs(steps) <= tolerance)
+    if same.size:
+        k = int(same[0])
+        raise ImageReadError(
+            f"Cannot use the DICOM series in '{folder}': its files '{Path(files[k]).name}' and "
+            f"'{Path(files[k + 1]).name}' are slices at the same position ({along[k]:.2f} mm along the slice "
+            f"normal), so the series mixes two acquisitions or holds a copied slice. Remove the duplicate, or "
+            f"export the series again.")
+    expected = positions[0] + np.arange(len(files))[:, None] * spacing * normal[None, :]
+    if np.max(np.linalg.norm(positions - expected, axis=1)) <= _POSITION_FRACTION * spacing:
+        return ""
+    gaps = np.abs(steps)
+    if np.ptp(gaps) > _POSITION_FRACTION * spacing:
+        return (f"its slices are unevenly spaced ({gaps.min():.3g} to {gaps.max():.3g} mm apart: a missing slice?), "
+                f"so one slice spacing ({spacing:.3g} mm) puts some of them in the wrong place")
+    return "its slices are tilted (a gantry tilt), which one slice direction without shear cannot describe"
 
 
 def _slice_tag(reader, k: int, tag: str) -> str:

@@ -32,6 +32,7 @@ import os
 import platform
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -270,7 +271,7 @@ class EncoderPath:
 class _EncoderBody(nn.Module):
     """TinyViT after its patch embedding, written for OpenVINO: (B, S, S, D0) -> (B, 256, S/4, S/4).
 
-    The same modules and maths as `tiny_vit.TinyViT`, traced in a form OpenVINO's CPU plugin runs
+    The same modules and maths as `tiny_vit.TinyViT`, exported in a form OpenVINO's CPU plugin runs
     with fewer copies (measured: 441 -> 400 ms a slice on the Intel machine, 9% faster):
     - token <-> image changes are 4-D permutes (NHWC <-> NCHW), which the plugin turns into layout
       choices, instead of 3-D transposes it runs as generic copies (9 ms each at 128x128);
@@ -347,11 +348,13 @@ class OpenVINOPath:
     its BatchNorms folded, its weights and outputs are large and cancel, and rounding them to bf16
     alone caused about half of the bf16 path's embedding error. OpenVINO runs the rest. That part
     is converted from PyTorch once per weights and OpenVINO version and kept as IR in `cache_dir`
-    (conversion traces the model: 10-70 s; loading the IR takes about a second).
+    (conversion exports the model with `torch.export`: 10-70 s on an idle 2-core machine, announced through
+    `on_progress`; loading the IR takes about a second).
     """
 
-    def __init__(self, loaded, precision: str, reason: str = "", cache_dir=None):
+    def __init__(self, loaded, precision: str, reason: str = "", cache_dir=None, on_progress=None):
         import threading
+        import time
 
         ov = import_openvino()
 
@@ -369,18 +372,24 @@ class OpenVINOPath:
         body = _EncoderBody(encoder).eval()
         xml = openvino_ir_path(encoder, size, cache_dir)
         core = ov.Core()
+        self.conversion_s = None
         if xml.is_file() and _ir_intact(xml):
             model = core.read_model(str(xml))
             self.converted = False
         else:
-            example = torch.zeros(1, size, size, encoder.patch_embed.seq[2].c.out_channels)
-            with torch.no_grad():
-                model = ov.convert_model(body, example_input=example,
-                                         input=[ov.PartialShape([-1, size, size, example.shape[-1]])])
+            estimate = conversion_estimate_s(cache_dir)
+            _report(on_progress, f"Preparing the fast encoder (one time, about {estimate:.0f} s)...", estimate)
+            started = time.perf_counter()
+            model = _convert(ov, body, size, encoder.patch_embed.seq[2].c.out_channels)
+            self.conversion_s = time.perf_counter() - started
             try:
                 _save_ir(ov, model, xml)
+                _record_conversion(xml.parent, self.conversion_s)
+                kept = f"kept in {xml.parent} for later runs"
             except OSError as err:  # a read-only cache only costs the next start its conversion
                 log.warning("could not keep the converted OpenVINO model in %s: %s", xml.parent, err)
+                kept = "not kept: the cache folder is not writable, so the next run converts again"
+            _report(on_progress, f"The fast encoder is ready ({self.conversion_s:.0f} s; {kept}).", None)
             self.converted = True
         self.compiled = core.compile_model(model, "CPU", {
             "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"})
@@ -397,6 +406,74 @@ class OpenVINOPath:
         with self._lock:
             out = self._request.infer({0: tokens.numpy()})[0]
             return torch.from_numpy(out.copy())
+
+
+# Seconds a first conversion is announced with when this machine has never converted one (an idle
+# 2-core machine: 10-70 s; issue 21 saw 163 s under load). Afterwards the last measured time is used.
+DEFAULT_CONVERSION_S = 60.0
+_CONVERSIONS_FILE = "conversions.json"
+
+
+def _report(on_progress, message: str, estimate_s: float | None) -> None:
+    """Tell the caller about a slow one-time step (`on_progress(message, estimate_s)`), else log it."""
+    if on_progress is not None:
+        on_progress(message, estimate_s)
+    else:
+        log.info("%s", message)
+
+
+def _convert(ov, body: nn.Module, size: int, channels: int):
+    """The encoder body as an OpenVINO model, from `torch.export` (not TorchScript tracing, which
+    torch deprecates): input (batch, S, S, D0) channels-last tokens, any batch."""
+    import warnings
+
+    example = torch.zeros(2, size, size, channels)  # batch 2: an example batch of 1 would be specialised
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch's own pytree code builds a LeafSpec, which it deprecates, while the program is copied:
+        # nothing this project calls, and nothing it could change.
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                category=FutureWarning)
+        exported = torch.export.export(body, (example,), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
+        return ov.convert_model(exported)
+
+
+def _record_conversion(folder, seconds: float) -> None:
+    """Keep how long this machine took to convert, so that the next first conversion (new weights or
+    a new OpenVINO) is announced with this machine's own time."""
+    from ..io.atomic import atomic_write_json
+
+    try:
+        atomic_write_json(Path(folder) / _CONVERSIONS_FILE, {"last_seconds": round(float(seconds), 1)})
+    except OSError:
+        pass
+
+
+def conversion_estimate_s(cache_dir=None) -> float:
+    """Seconds the OpenVINO conversion is expected to take here: the last one measured on this machine
+    (kept in the cache), else DEFAULT_CONVERSION_S."""
+    import json
+
+    from ..io.cache import OPENVINO, cache_root
+
+    folder = (Path(cache_dir) if cache_dir else cache_root()) / OPENVINO
+    try:
+        seconds = float(json.loads((folder / _CONVERSIONS_FILE).read_text())["last_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return DEFAULT_CONVERSION_S
+    return seconds if 0 < seconds < 3600 else DEFAULT_CONVERSION_S
+
+
+def pending_conversion_s(loaded, mode: str = "auto", cache_dir=None) -> float | None:
+    """When `make_encoder(loaded, mode, cache_dir)` would convert the encoder for OpenVINO first (a
+    one-time step of tens of seconds): the expected seconds (`conversion_estimate_s`); else None.
+    Lets a caller say so before it starts (`SegmentationSession.prepare`)."""
+    name, _ = choose_mode(loaded, mode)
+    if not name.startswith("openvino") or not _is_tiny_vit(loaded):
+        return None
+    xml = openvino_ir_path(loaded.sam.image_encoder, int(loaded.spec.image_size), cache_dir)
+    if xml.is_file() and _ir_sums_path(xml).is_file():
+        return None
+    return conversion_estimate_s(cache_dir)
 
 
 def _ir_sums_path(xml):
@@ -467,8 +544,9 @@ def disable_openvino_telemetry() -> None:
     `openvino` earlier, its telemetry object already exists: it is switched off (consent False) and
     the converter's modules are pointed at the stub, so no later call (`convert_model`) sends anything.
     """
-    if "openvino_telemetry" not in sys.modules:
-        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]
+    from .._telemetry import hide_openvino_telemetry
+
+    if hide_openvino_telemetry():
         return
     telemetry = sys.modules.get("openvino_telemetry")
     if telemetry is None:
@@ -516,7 +594,7 @@ def openvino_ir_path(encoder: nn.Module, image_size: int, cache_dir=None):
 
     ov = import_openvino()
 
-    digest = hashlib.sha1(f"body-v3:{ov.__version__}:{torch.__version__}:{image_size}".encode())
+    digest = hashlib.sha1(f"body-v4:{ov.__version__}:{torch.__version__}:{image_size}".encode())
     for name, tensor in sorted(encoder.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -532,8 +610,9 @@ def _is_tiny_vit(loaded) -> bool:
     return isinstance(getattr(loaded.sam, "image_encoder", None), TinyViT)
 
 
-def build_path(loaded, name: str, reason: str = "", cache_dir=None):
-    """The encoder path `name` (one of PATHS) for a loaded model, without hardware checks."""
+def build_path(loaded, name: str, reason: str = "", cache_dir=None, on_progress=None):
+    """The encoder path `name` (one of PATHS) for a loaded model, without hardware checks.
+    on_progress(message, estimate_s): told about a slow one-time step (the OpenVINO conversion)."""
     if name not in PATHS:
         raise ValueError(f"Unknown encoder path {name!r}; use one of {', '.join(PATHS)}.")
     device = torch.device(loaded.device)
@@ -545,7 +624,7 @@ def build_path(loaded, name: str, reason: str = "", cache_dir=None):
     if name.startswith("openvino"):
         if device.type != "cpu":
             raise ValueError(f"The {name!r} encoder path runs on the CPU only, not on {device}.")
-        return OpenVINOPath(loaded, name.split("-", 1)[1], reason, cache_dir)
+        return OpenVINOPath(loaded, name.split("-", 1)[1], reason, cache_dir, on_progress)
     dtype = torch.bfloat16 if name == "bf16" else torch.float32
     module = FastTinyViT(loaded.sam.image_encoder).to(device=device, dtype=dtype)
     return EncoderPath(name, module, dtype, device, reason, preferred_batch)
@@ -605,20 +684,22 @@ def _bf16_ok(device: torch.device) -> tuple[bool, str]:
     return False, f"device {device.type}: bf16 not tried there"
 
 
-def make_encoder(loaded, mode: str = "auto", cache_dir=None):
+def make_encoder(loaded, mode: str = "auto", cache_dir=None, on_progress=None):
     """The fastest correct image-encoder path for this machine, or None for the model's own encoder.
 
     mode: "auto" (pick by hardware), "fp32" (the model's own eager encoder, the reference),
     "fp32-fast", "bf16", "openvino-f32" or "openvino-bf16". The environment variable
     MEDSAM_ENCODER overrides it (e.g. MEDSAM_ENCODER=fp32). The choice and why is logged (INFO).
     A path that fails to build (e.g. an OpenVINO conversion error) falls back to fp32, with a warning.
+    on_progress(message, estimate_s): told before and after a slow one-time step (the first OpenVINO
+    conversion: "Preparing the fast encoder (one time, about N s)..."); logged at INFO without it.
     """
     name, reason = choose_mode(loaded, mode)
     if name == "fp32":
         log.info("image encoder: fp32 eager (the model's own); %s", reason or "asked for fp32")
         return None
     try:
-        path = build_path(loaded, name, reason, cache_dir)
+        path = build_path(loaded, name, reason, cache_dir, on_progress)
     except Exception as err:  # noqa: BLE001 - an optional fast path that fails must not stop the tool
         if not name.startswith("openvino"):
             log.warning("image encoder: the %s path failed to build (%s); using the model's own fp32 encoder",

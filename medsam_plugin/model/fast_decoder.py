@@ -44,20 +44,22 @@ class SliceState:
 
 
 def _block_diag_rows(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """(N, H*d) -> (H*N, H*d): row h*N + n keeps only head h's d columns of x[n], zeros elsewhere."""
-    n, width = x.shape
+    """(..., N, H*d) -> (..., H*N, H*d): row h*N + n keeps only head h's d columns of x[n], zeros elsewhere."""
+    *lead, n, width = x.shape
     d = width // heads
-    out = x.new_zeros(heads, n, heads, d)
+    out = x.new_zeros(*lead, heads, n, heads, d)
     idx = torch.arange(heads)
-    out[idx, :, idx, :] = x.view(n, heads, d).transpose(0, 1)
-    return out.view(heads * n, width)
+    out[..., idx, :, idx, :] = x.view(*lead, n, heads, d).movedim(-2, 0)  # (H, ..., N, d)
+    return out.view(*lead, heads * n, width)
 
 
 def _diag_blocks(y: torch.Tensor, heads: int, n: int) -> torch.Tensor:
-    """(H*N, H*d) -> (N, H*d): the inverse of `_block_diag_rows` (head h's columns from rows h*N..)."""
-    d = y.shape[1] // heads
+    """(..., H*N, H*d) -> (..., N, H*d): the inverse of `_block_diag_rows` (head h's columns from rows h*N..)."""
+    *lead, _, width = y.shape
+    d = width // heads
     idx = torch.arange(heads)
-    return y.view(heads, n, heads, d)[idx, :, idx, :].transpose(0, 1).reshape(n, heads * d)
+    blocks = y.view(*lead, heads, n, heads, d)[..., idx, :, idx, :]  # (H, ..., N, d): advanced indices lead
+    return blocks.movedim(0, -2).reshape(*lead, n, heads * d)
 
 
 class FastMaskDecoder:
@@ -162,19 +164,118 @@ class FastMaskDecoder:
             iou = dec.iou_prediction_head(queries[0])[list(chosen)]
             return self._upscale_and_mask(keys, hyper), iou
 
+    # ------------------------------------------------------------------ several prompts, one call
+    @staticmethod
+    def _token_attention(attn, q, k, v, key_valid):
+        """Attention among prompt tokens (B, N, D) with padded keys (key_valid (B, N) False) left out."""
+        def heads(x):  # (B, N, C) -> (B, heads, N, C / heads)
+            b, n, c = x.shape
+            return x.view(b, n, attn.num_heads, c // attn.num_heads).transpose(1, 2)
+
+        qh, kh, vh = heads(attn.q_proj(q)), heads(attn.k_proj(k)), heads(attn.v_proj(v))
+        scores = (qh @ kh.transpose(-2, -1)) / math.sqrt(qh.shape[-1])  # (B, heads, N, N)
+        scores = scores.masked_fill(~key_valid[:, None, None, :], float("-inf"))
+        out = scores.softmax(dim=-1) @ vh  # (B, heads, N, d)
+        b, _, n, _ = out.shape
+        return attn.out_proj(out.transpose(1, 2).reshape(b, n, attn.internal_dim))
+
+    @staticmethod
+    def _token_to_image_batch(attn, q_in, k_scaled, v):
+        """`_token_to_image` for B prompts: q_in (B, N, D); k_scaled, v (B, HW, Di) -> (B, N, D)."""
+        heads, n = attn.num_heads, q_in.shape[1]
+        q = _block_diag_rows(attn.q_proj(q_in), heads)  # (B, H*N, Di)
+        out = (q @ k_scaled.transpose(1, 2)).softmax(dim=-1) @ v  # (B, H*N, Di)
+        return attn.out_proj(_diag_blocks(out, heads, n))
+
+    @staticmethod
+    def _image_to_token_batch(attn, q_img, k_in, v_in, key_valid):
+        """`_image_to_token` for B prompts, padded tokens (key_valid (B, N) False) left out:
+        q_img (B, HW, Di), k_in and v_in (B, N, D) -> (B, HW, D)."""
+        heads = attn.num_heads
+        d = attn.internal_dim // heads
+        b, n = k_in.shape[:2]
+        k = _block_diag_rows(attn.k_proj(k_in), heads) / math.sqrt(d)  # (B, H*N, Di)
+        v = _block_diag_rows(attn.v_proj(v_in), heads)
+        scores = (k @ q_img.transpose(1, 2)).view(b, heads, n, -1)  # softmax over N, strided (see above)
+        scores = scores.masked_fill(~key_valid[:, None, :, None], float("-inf"))
+        out = scores.softmax(dim=2).view(b, heads * n, -1).transpose(1, 2) @ v  # (B, HW, Di)
+        return attn.out_proj(out)
+
+    def decode_batch(self, states: list[SliceState], sparse: torch.Tensor, valid: torch.Tensor, multimask: bool):
+        """Several prompts on one slice in one call (a correction's ways of asking the model).
+
+        states: each prompt's `slice_state` (prompts with the same dense prompt share one object);
+        sparse (B, K, D) prompt tokens, padded to the longest prompt; valid (B, K) bool, False on
+        padding -> (low-res logits (B, M, 4h, 4w), IoU (B, M)), M = 3 or 1.
+
+        Padding tokens are masked out of every attention in which tokens are keys (token self-
+        attention and image->token), so each prompt gets the answer `decode` gives it alone, up to
+        fp32 summation order: prompts of different lengths (with or without a box, fewer clicks)
+        share the call without SAM's "not a point" tokens changing anyone's answer.
+        """
+        dec, tr = self.decoder, self.transformer
+        with torch.inference_mode():
+            b = sparse.shape[0]
+            out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)  # (1+T, D)
+            tokens = torch.cat([out_tokens[None].expand(b, -1, -1), sparse], dim=1)  # (B, Nt, D)
+            key_valid = torch.cat([valid.new_ones(b, out_tokens.shape[0]), valid.bool()], dim=1)  # (B, Nt)
+
+            def stacked(name):  # (B, HW, .) from the states; one shared state is expanded, not copied
+                if all(st is states[0] for st in states):
+                    return getattr(states[0], name)[None].expand(b, -1, -1)
+                return torch.stack([getattr(st, name) for st in states])
+
+            keys = stacked("keys")
+            queries = tokens
+            for i, block in enumerate(tr.layers):
+                if block.skip_first_layer_pe:
+                    queries = self._token_attention(block.self_attn, queries, queries, queries, key_valid)
+                else:
+                    q = queries + tokens
+                    queries = queries + self._token_attention(block.self_attn, q, q, queries, key_valid)
+                queries = block.norm1(queries)
+
+                t2i, i2t = block.cross_attn_token_to_image, block.cross_attn_image_to_token
+                if i == 0:
+                    k_scaled, v, q_img = stacked("t2i_k"), stacked("t2i_v"), stacked("i2t_q")
+                else:
+                    keys_pe = keys + self.key_pe
+                    scale = 1.0 / math.sqrt(t2i.internal_dim // t2i.num_heads)
+                    k_scaled = t2i.k_proj(keys_pe).mul_(scale)
+                    v = t2i.v_proj(keys)
+                    q_img = i2t.q_proj(keys_pe)
+                queries = block.norm2(queries + self._token_to_image_batch(t2i, queries + tokens, k_scaled, v))
+                queries = block.norm3(queries + block.mlp(queries))
+                q = queries + tokens
+                keys = block.norm4(keys + self._image_to_token_batch(i2t, q_img, q, queries, key_valid))
+
+            final = tr.final_attn_token_to_image
+            keys_pe = keys + self.key_pe
+            scale = 1.0 / math.sqrt(final.internal_dim // final.num_heads)
+            attn = self._token_to_image_batch(final, queries + tokens, final.k_proj(keys_pe).mul_(scale),
+                                              final.v_proj(keys))
+            queries = tr.norm_final_attn(queries + attn)
+
+            chosen = list(range(1, dec.num_mask_tokens)) if multimask else [0]
+            hyper = torch.stack([dec.output_hypernetworks_mlps[t](queries[:, 1 + t]) for t in chosen], dim=-1)  # (B, c2, M)
+            iou = dec.iou_prediction_head(queries[:, 0])[:, chosen]  # (B, M)
+            return self._upscale_and_mask(keys, hyper), iou
+
     def _upscale_and_mask(self, keys: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
-        """Image tokens (HW, D) and hypernetwork vectors (c2, M) -> logits (M, 4h, 4w)."""
+        """Image tokens (..., HW, D) and hypernetwork vectors (..., c2, M) -> logits (..., M, 4h, 4w)."""
         h, w = self.grid
         up = self.decoder.output_upscaling
         conv1, norm, conv2 = up[0], up[1], up[3]
         c1, c2 = conv1.out_channels, conv2.out_channels
+        lead = keys.shape[:-2]
         # ConvTranspose2d(k=2, s=2) weight (C_in, C_out, 2, 2) -> (4 * C_out, C_in), rows (dy, dx, c).
         w1 = conv1.weight.permute(2, 3, 1, 0).reshape(-1, conv1.in_channels)
         w2 = conv2.weight.permute(2, 3, 1, 0).reshape(-1, conv2.in_channels)
-        up1 = F.linear(keys, w1, conv1.bias.repeat(4)).view(-1, c1)  # (HW*4, c1): pixel (i, j, dy, dx)
+        up1 = F.linear(keys, w1, conv1.bias.repeat(4)).view(*lead, -1, c1)  # (HW*4, c1): pixel (i, j, dy, dx)
         up1 = F.gelu(F.layer_norm(up1, (c1,), norm.weight, norm.bias, norm.eps))
-        up2 = F.gelu(F.linear(up1, w2, conv2.bias.repeat(4)).view(-1, c2))  # (HW*16, c2)
+        up2 = F.gelu(F.linear(up1, w2, conv2.bias.repeat(4)).view(*lead, -1, c2))  # (HW*16, c2)
         masks = up2 @ hyper  # (HW*16, M), rows (i, j, dy1, dx1, dy2, dx2)
-        m = masks.shape[1]
-        masks = masks.view(h, w, 2, 2, 2, 2, m).permute(6, 0, 2, 4, 1, 3, 5)  # (M, i, dy1, dy2, j, dx1, dx2)
-        return masks.reshape(m, 4 * h, 4 * w)
+        m, k = masks.shape[-1], len(lead)
+        masks = masks.view(*lead, h, w, 2, 2, 2, 2, m)  # (i, j, dy1, dx1, dy2, dx2, M) after the lead
+        masks = masks.permute(*range(k), k + 6, k, k + 2, k + 4, k + 1, k + 3, k + 5)  # (M, i, dy1, dy2, j, dx1, dx2)
+        return masks.reshape(*lead, m, 4 * h, 4 * w)
