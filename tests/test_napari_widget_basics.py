@@ -145,9 +145,9 @@ def test_changing_model_or_device_keeps_the_work(make_widget, qtbot):
     assert not (before[12] == obj).any() and 12 not in w.session.seeds[obj]
     w.panel.device_combo.setCurrentText("cpu")
     assert w.session.device == "cpu" and not w.session.model_loaded
-    w.panel.model_combo.setEditText("sam_vit_b")
+    w.panel.model_combo.setEditText("lite_medsam")  # an installed model: a choice is checked when made
     w.change_model()
-    assert w.session.model_name == "sam_vit_b" and not w.session.model_loaded
+    assert w.session.model_name == "lite_medsam" and not w.session.model_loaded
     np.testing.assert_array_equal(w.session.labels.array, before)
     np.testing.assert_array_equal(w.labels_layer.data, before)
     assert w.session.labels.objects[obj].name == "kept" and w.session.stop_slices[obj] == {12}

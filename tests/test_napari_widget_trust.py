@@ -158,13 +158,22 @@ def notes(monkeypatch):
     return seen
 
 
-def test_a_model_load_error_ends_the_busy_status_line(make, qtbot, notes):
+def test_a_model_load_error_ends_the_busy_status_line(make, qtbot, notes, tmp_path):
+    import shutil
+
     from qtpy.QtCore import Qt
+
+    from medsam_plugin.model.registry import INTERACTIVE_FILE, packaged_weights_dir
 
     viewer, build = make
     w = build()
-    w.panel.model_combo.setEditText("/nowhere/missing.pth")
+    # A checkpoint that passes the check when chosen, then vanishes before it is used.
+    path = tmp_path / "mine.pth"
+    shutil.copy(packaged_weights_dir() / INTERACTIVE_FILE, path)
+    w.panel.model_combo.setEditText(str(path))
     w.change_model()
+    assert w.session.model_name == str(path)
+    path.unlink()
     w.set_slice(12)
     w.add_box(box_of(w.truth[12]))
     key(viewer, qtbot, Qt.Key_S)
