@@ -35,7 +35,7 @@ def medsam_layers(viewer) -> list[str]:
 
 
 def camera_state(viewer):
-    return tuple(np.round(viewer.camera.center, 3)), round(float(viewer.camera.zoom), 4)
+    return tuple(np.round(viewer.scene.camera.center, 3)), round(float(viewer.scene.camera.zoom), 4)
 
 
 def assert_panel_closed(w, viewer):
@@ -64,8 +64,8 @@ def test_removing_the_scan_during_propagation_clears_the_panel_and_the_layers(ma
     key(viewer, qtbot, Qt.Key_P)
     qtbot.waitUntil(w.session._predictor.reached.is_set, timeout=20_000)
     fake = w.session._predictor
-    viewer.camera.zoom *= 3  # the user zoomed in on the object
-    viewer.camera.center = (0, *(np.asarray(viewer.camera.center[1:]) + 40))
+    viewer.scene.camera.zoom *= 3  # the user zoomed in on the object
+    viewer.scene.camera.center = (0, *(np.asarray(viewer.scene.camera.center[1:]) + 40))
     shot(viewer, "issue21_3_before_removal_during_P")
     viewer.layers.remove(w.image_layer)
     fake.gate.set()
@@ -86,8 +86,8 @@ def test_deleting_the_scan_in_the_layer_list_after_propagation(make, qtbot):
     seed(w, viewer, qtbot)
     key(viewer, qtbot, Qt.Key_P)
     assert w.panel.object_list.count() == 1 and w.panel.confidence_strip.n_slices > 0
-    viewer.camera.zoom *= 2
-    viewer.camera.center = (0, *(np.asarray(viewer.camera.center[1:]) - 30))
+    viewer.scene.camera.zoom *= 2
+    viewer.scene.camera.center = (0, *(np.asarray(viewer.scene.camera.center[1:]) - 30))
     viewer.layers.selection = {w.image_layer}
     qtbot.mouseClick(viewer.window._qt_viewer.layerButtons.deleteButton, Qt.LeftButton)  # the list's bin
     qtbot.wait(50)
