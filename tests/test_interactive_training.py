@@ -82,22 +82,28 @@ def test_slice_augment_moves_image_and_label_together():
     assert abs((low == 7).sum() / (label == 7).sum() - (256 / 120) ** 2) < 0.4
 
 
-@pytest.fixture(scope="module")
-def tiny_datalist(tmp_path_factory):
+def spleen_datalist(root: Path, k0: int, k1: int, bank: dict | None = None) -> Path:
+    """A datalist of the sample spleen CT's slices k0..k1-1 (training only)."""
     import nibabel as nib
 
-    root = tmp_path_factory.mktemp("interactive_tiny")
     case = "ct_spleen_msd_spleen2_crop"
     image = nib.load(SAMPLE / case / "image.nii.gz")
     label = nib.load(SAMPLE / case / "label.nii.gz")
     (root / case).mkdir()
-    nib.save(image.slicer[:, :, 13:17], root / case / "image.nii.gz")
-    lab = label.slicer[:, :, 13:17]
+    nib.save(image.slicer[:, :, k0:k1], root / case / "image.nii.gz")
+    lab = label.slicer[:, :, k0:k1]
     nib.save(nib.Nifti1Image(np.asarray(lab.dataobj).astype(np.uint8), lab.affine), root / case / "label.nii.gz")
     item = {"image": f"{case}/image.nii.gz", "label": f"{case}/label.nii.gz", "modality": "CT"}
+    if bank is not None:
+        item["bank"] = bank
     datalist = root / "dataset.json"
     datalist.write_text(json.dumps({"labels": {"0": "background", "1": "spleen"}, "training": [item]}))
     return datalist
+
+
+@pytest.fixture(scope="module")
+def tiny_datalist(tmp_path_factory):
+    return spleen_datalist(tmp_path_factory.mktemp("interactive_tiny"), 13, 17)
 
 
 @pytest.mark.model
@@ -274,22 +280,10 @@ def test_the_slice_bank_takes_painted_lesions_when_asked(tiny_datalist, tmp_path
 # ---------------------------------------------------------------------------------- chain episodes
 @pytest.fixture(scope="module")
 def chain_datalist(tmp_path_factory):
-    """Five consecutive spleen slices, the bank keeping them all so chain episodes can walk them."""
-    import nibabel as nib
-
-    root = tmp_path_factory.mktemp("interactive_chain")
-    case = "ct_spleen_msd_spleen2_crop"
-    image = nib.load(SAMPLE / case / "image.nii.gz")
-    label = nib.load(SAMPLE / case / "label.nii.gz")
-    (root / case).mkdir()
-    nib.save(image.slicer[:, :, 1:6], root / case / "image.nii.gz")  # the spleen starts on slice 3
-    lab = label.slicer[:, :, 1:6]
-    nib.save(nib.Nifti1Image(np.asarray(lab.dataobj).astype(np.uint8), lab.affine), root / case / "label.nii.gz")
-    item = {"image": f"{case}/image.nii.gz", "label": f"{case}/label.nii.gz", "modality": "CT",
-            "bank": {"all_slices": True, "variants": 0, "ct_windows": ["abdomen"], "views": ["axial"]}}
-    datalist = root / "dataset.json"
-    datalist.write_text(json.dumps({"labels": {"0": "background", "1": "spleen"}, "training": [item]}))
-    return datalist
+    """Five consecutive spleen slices (the spleen starts on the third), the bank keeping them all so
+    chain episodes can walk them."""
+    return spleen_datalist(tmp_path_factory.mktemp("interactive_chain"), 1, 6,
+                           bank={"all_slices": True, "variants": 0, "ct_windows": ["abdomen"], "views": ["axial"]})
 
 
 @pytest.mark.model
