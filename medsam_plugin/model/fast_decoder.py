@@ -101,6 +101,13 @@ class FastMaskDecoder:
             )
 
     # ------------------------------------------------------------------ attention pieces
+    def _image_projections(self, t2i, i2t, keys):
+        """A block's image-side projections (the token-to-image keys, pre-scaled, and values; the
+        image-to-token queries), for blocks after the first, whose keys the tokens have changed."""
+        keys_pe = keys + self.key_pe
+        scale = 1.0 / math.sqrt(t2i.internal_dim // t2i.num_heads)
+        return t2i.k_proj(keys_pe).mul_(scale), t2i.v_proj(keys), i2t.q_proj(keys_pe)
+
     @staticmethod
     def _token_to_image(attn, q_in, k_scaled, v):
         """Prompt tokens (N, D) attend to image tokens: k_scaled, v (HW, Di) -> (N, D)."""
@@ -143,11 +150,7 @@ class FastMaskDecoder:
                 if i == 0:
                     k_scaled, v, q_img = state.t2i_k, state.t2i_v, state.i2t_q
                 else:
-                    keys_pe = keys + self.key_pe
-                    scale = 1.0 / math.sqrt(t2i.internal_dim // t2i.num_heads)
-                    k_scaled = t2i.k_proj(keys_pe).mul_(scale)
-                    v = t2i.v_proj(keys)
-                    q_img = i2t.q_proj(keys_pe)
+                    k_scaled, v, q_img = self._image_projections(t2i, i2t, keys)
                 queries = block.norm2(queries + self._token_to_image(t2i, queries + tokens, k_scaled, v))
                 queries = block.norm3(queries + block.mlp(queries))
                 q = queries + tokens
@@ -239,11 +242,7 @@ class FastMaskDecoder:
                 if i == 0:
                     k_scaled, v, q_img = stacked("t2i_k"), stacked("t2i_v"), stacked("i2t_q")
                 else:
-                    keys_pe = keys + self.key_pe
-                    scale = 1.0 / math.sqrt(t2i.internal_dim // t2i.num_heads)
-                    k_scaled = t2i.k_proj(keys_pe).mul_(scale)
-                    v = t2i.v_proj(keys)
-                    q_img = i2t.q_proj(keys_pe)
+                    k_scaled, v, q_img = self._image_projections(t2i, i2t, keys)
                 queries = block.norm2(queries + self._token_to_image_batch(t2i, queries + tokens, k_scaled, v))
                 queries = block.norm3(queries + block.mlp(queries))
                 q = queries + tokens
