@@ -634,39 +634,31 @@ class InteractiveTrainer:
         rng = np.random.default_rng(cfg.seed * 1_000_003 + step)  # a resumed run draws the same steps
         for g in self.optimizer.param_groups:
             g["lr"] = self._lr(step) * g.get("lr_scale", 1.0)
+        self.loaded.sam.train()
+        self.optimizer.zero_grad(set_to_none=True)
         if self.chain_p is not None and rng.uniform() < cfg.chain_share:
             picks = rng.choice(len(self.chain_idx), cfg.batch_size, p=self.chain_p)
             pairs = [self.present[int(self.chain_idx[k])] for k in picks]
             length = int(rng.integers(1, cfg.chain_length + 1))
-            self.loaded.sam.train()
-            self.optimizer.zero_grad(set_to_none=True)
             losses, dices = self.run_chain(self.bank, self.links, pairs, rng, True, length)
-            total = torch.stack(losses).sum() / len(losses)
-            total.backward()
-            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-            self.optimizer.step()
-            return {"loss": float(total.detach()), "start": "chain", "rounds": length,
-                    "dice_first": dices[0], "dice_last": dices[-1]}
-        names = list(cfg.starts)
-        weights = np.array([cfg.starts[n] for n in names], np.float64)
-        start = names[int(rng.choice(len(names), p=weights / weights.sum()))]
-        use_ends = start in END_STARTS and self.ends and rng.uniform() < 0.25
-        if use_ends:
-            pairs = [self.ends[int(k)] for k in rng.integers(0, len(self.ends), cfg.batch_size)]
+            info = {"start": "chain", "rounds": length}
         else:
-            pairs = [self.present[int(k)] for k in rng.choice(len(self.present), cfg.batch_size, p=self.present_p)]
-        rounds = int(rng.integers(0, cfg.max_rounds + 1))
-        for g in self.optimizer.param_groups:
-            g["lr"] = self._lr(step) * g.get("lr_scale", 1.0)
-        self.loaded.sam.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        losses, dices = self.run_episode(self.bank, pairs, start, rounds, rng, train=True)
+            names = list(cfg.starts)
+            weights = np.array([cfg.starts[n] for n in names], np.float64)
+            start = names[int(rng.choice(len(names), p=weights / weights.sum()))]
+            use_ends = start in END_STARTS and self.ends and rng.uniform() < 0.25
+            if use_ends:
+                pairs = [self.ends[int(k)] for k in rng.integers(0, len(self.ends), cfg.batch_size)]
+            else:
+                pairs = [self.present[int(k)] for k in rng.choice(len(self.present), cfg.batch_size, p=self.present_p)]
+            rounds = int(rng.integers(0, cfg.max_rounds + 1))
+            losses, dices = self.run_episode(self.bank, pairs, start, rounds, rng, train=True)
+            info = {"start": start + (" (end)" if use_ends else ""), "rounds": rounds}
         total = torch.stack(losses).mean()
         total.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
-        return {"loss": float(total.detach()), "start": start + (" (end)" if use_ends else ""), "rounds": rounds,
-                "dice_first": dices[0], "dice_last": dices[-1]}
+        return {"loss": float(total.detach()), **info, "dice_first": dices[0], "dice_last": dices[-1]}
 
     @torch.no_grad()
     def validate(self) -> dict:
