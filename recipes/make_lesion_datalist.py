@@ -42,7 +42,7 @@ def main() -> None:
         return {"image": f"lesions/{c['id']}/image.nii.gz", "label": f"lesions/{c['id']}/label.nii.gz",
                 "name": c["id"], "modality": c["modality"], "patient": c["patient"],
                 "labels": {"0": "background", "1": "tumour"},
-                "bank": {"all_slices": True, "band": 6, "variants": 0, "ct_windows": ["abdomen"], "views": ["axial"]}}
+                "bank": {"all_slices": True, "band": 6, "past_end": 2, "variants": 0, "ct_windows": ["abdomen"], "views": ["axial"]}}
 
     organs = json.loads(ORGAN_DATALIST.read_text())
 

@@ -17,7 +17,7 @@ V1=training_runs/medsam_interactive_v1.pth
 exec .venv/bin/medsam-plugin finetune --objective interactive \
   --datalist recipes/lesion_datalist.json --data-root "${DATA_ROOT:-../shared}" \
   --model "${BASE:-$V1}" --teacher-model lite_medsam --distill-weight 0.25 \
-  --out "$OUT" --steps "${STEPS:-800}" --batch-size 8 --lr 1e-4 --max-rounds 4 \
+  --out "$OUT" --steps "${STEPS:-500}" --batch-size 8 --lr 1e-4 --max-rounds 4 \
   --chain-share 0.4 --chain-length 4 --slices-per-variant 16 \
   --val-every 50 --bf16 auto --threads "${THREADS:-2}" \
   --max-minutes "${MAX_MINUTES:-170}" --json "${OUT%.pth}.history.json" "$@"

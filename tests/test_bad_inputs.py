@@ -228,6 +228,24 @@ def _series_with_positions(write_dicom_series, folder: Path, drop=(), duplicate=
     return folder
 
 
+def test_the_library_and_the_widget_refuse_a_label_map_of_an_unevenly_spaced_series(world, write_dicom_series):
+    """The session (which the napari export calls) refuses what the CLI refuses: a label map with one
+    slice spacing for slices at 0, 5, 15 and 20 mm."""
+    from medsam_plugin.engine.session import SegmentationSession
+    from medsam_plugin.io import read_volume
+
+    folder, _, _ = world
+    volume = read_volume(_series_with_positions(write_dicom_series, folder / "gap_session", drop=(2,)))
+    s = SegmentationSession(volume, window="abdomen")
+    assert "unevenly spaced" in s.irregular_slices
+    label_id = s.add_object("lesion").label_id
+    s.labels.array[1, 4:10, 4:10] = label_id
+    with pytest.raises(ValueError, match="unevenly spaced.*DICOM SEG.*Nothing was written"):
+        s.save(folder / "gap.nii.gz")
+    assert not list(folder.glob("gap.nii*"))
+    # (a DICOM SEG of such a series is written frame by frame: test_dicom_seg.py, "missing slice")
+
+
 def test_a_dicom_series_with_a_missing_slice_is_never_given_wrong_geometry(world, capsys, write_dicom_series):
     """Issue 21: slices at 0, 5, 15 and 20 mm were read as four slices 6.67 mm apart and segmented with
     exit 0. The series is still read (a DICOM SEG is written on the acquired slices), but a label map,

@@ -102,6 +102,39 @@ def test_deleting_the_scan_in_the_layer_list_after_propagation(make, qtbot):
     assert "MedSAM labels" in medsam_layers(viewer)
 
 
+def test_deleting_a_medsam_layer_by_hand_puts_it_back_with_its_work(make, qtbot):
+    """The widget writes results, paint and prompts into its own layer objects: one deleted in the
+    layer list must come back (same layer, same voxels), or later S/P would act on a hidden layer."""
+    from qtpy.QtCore import Qt
+
+    viewer, build = make
+    w = build()
+    seed(w, viewer, qtbot)
+    key(viewer, qtbot, Qt.Key_P)
+    labels, box = w.labels_layer, w.box_layer
+    voxels = int((labels.data != 0).sum())
+    assert voxels > 0
+    for layer in (labels, box):
+        index = viewer.layers.index(layer)
+        viewer.layers.selection = {layer}
+        qtbot.mouseClick(viewer.window._qt_viewer.layerButtons.deleteButton, Qt.LeftButton)
+        qtbot.wait(50)
+        assert layer in viewer.layers and viewer.layers.index(layer) == index
+        assert "put back" in w.panel.status.text()
+    assert w.labels_layer is labels and int((labels.data != 0).sum()) == voxels
+    # the session goes on in the restored layers: a new box and S show a new preview
+    w.set_slice(14)
+    w.add_box(box_of(w.truth[14]))
+    key(viewer, qtbot, Qt.Key_S)
+    assert w.wait(20)
+    assert w.pending is not None and w.pending_layer in viewer.layers and w.pending_layer.data[14].any()
+    assert box in viewer.layers and len(box.data) >= 1
+    # removing the scan still closes everything (the put-back rule does not fight the close)
+    viewer.layers.remove(w.image_layer)
+    qtbot.wait(50)
+    assert_panel_closed(w, viewer)
+
+
 # ---------------------------------------------------------------- 4: a model choice is checked when made
 def choose_model(w, qtbot, text):
     """Type a model name or path in the panel's model box and press Enter, as a user does."""
@@ -363,3 +396,27 @@ def test_an_unsure_one_click_answer_is_flagged_with_what_to_do(make, qtbot):
     w.add_box(box_of(w.truth[12]))
     key(viewer, qtbot, Qt.Key_S)
     assert "unsure" not in w.panel.status.text() and "A accepts" in w.panel.status.text()
+
+
+# ---------------------------------------------------------------- an unevenly spaced DICOM series
+def test_an_unevenly_spaced_series_says_its_volumes_are_approximate_and_refuses_a_label_map(
+        make_napari_viewer, qtbot, tmp_path, write_dicom_series, monkeypatch):
+    """Slices at 0, 5, 15 and 20 mm: the panel says so on opening, marks every mL as approximate,
+    and its export refuses a NIfTI label map (one slice spacing would carry the error)."""
+    from test_bad_inputs import _series_with_positions
+
+    from medsam_plugin.napari.widget import MedSAMWidget
+
+    monkeypatch.setenv("MEDSAM_PLUGIN_CACHE", str(tmp_path / "cache"))
+    viewer = make_napari_viewer()
+    viewer.open(_series_with_positions(write_dicom_series, tmp_path / "gap", drop=(2,)), plugin="medsam-plugin")
+    w = MedSAMWidget(viewer, autosave_policy="ignore", inline=True, embedding_cache=False)
+    viewer.window.add_dock_widget(w)
+    assert w.session is not None
+    assert "unevenly spaced" in w.panel.status.text() and "approximate" in w.panel.status.text()
+    label_id = w.add_object("lesion")
+    w.session.labels.array[1, 4:10, 4:10] = label_id
+    w._refresh_objects()
+    assert "≈" in w.panel.object_list.item(0).text()
+    assert w.export(tmp_path / "gap.nii.gz") is None
+    assert not list(tmp_path.glob("gap.nii*"))

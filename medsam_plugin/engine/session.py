@@ -402,6 +402,13 @@ class SegmentationSession:
         return locked
 
     @property
+    def irregular_slices(self) -> str:
+        """Why the scan's slices do not lie on its grid (an unevenly spaced or tilted DICOM series), or ""."""
+        from ..io.readers import IRREGULAR_SLICES
+
+        return str(self.volume.extra.get(IRREGULAR_SLICES) or "")
+
+    @property
     def voxel_ml(self) -> float:
         """The volume of one voxel in millilitres."""
         spacing = np.linalg.norm(np.asarray(self.view.view_affine, dtype=np.float64)[:3, :3], axis=0)
@@ -1134,7 +1141,13 @@ class SegmentationSession:
         whole extent, as its own layer shows.
         """
         from ..io import write_label_map
+        from ..io.dicom_seg import is_dicom_seg_path
 
+        why = self.irregular_slices
+        if why and not is_dicom_seg_path(path):
+            raise ValueError(f"the scan's DICOM series: {why}. A label map has one slice spacing and would carry "
+                             f"that error; save a DICOM SEG (a .dcm path: each frame is placed on its own acquired "
+                             f"slice) instead. Nothing was written.")
         names = self.labels.names()
         colors = {k: o.color for k, o in self.labels.objects.items()}
         spec = getattr(self._predictor, "spec", None)

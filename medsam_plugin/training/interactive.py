@@ -94,6 +94,8 @@ class InteractiveConfig:
     starts: dict[str, float] = field(default_factory=lambda: dict(STARTS))
     chain_share: float = 0.0          # share of steps that walk slices on the model's own answers (run_chain)
     chain_length: int = 4             # slices a chain walks past its seed at most
+    outward_share: float = 0.8        # chains that walk away from the object's largest slice
+    empty_weight: float = 1.0         # the leak term on targets past an object's end (seg_loss)
     teacher_model: str | None = None  # whose box answers are distilled (default: the model trained from)
     val_every: int = 100
     validation_datalist: str | None = None   # default: the datalist's own "validation" list
@@ -172,16 +174,19 @@ def build_bank(cases: Sequence[dict], loaded, cfg: InteractiveConfig, rng: np.ra
                 for aug in copies:
                     n_copies += 1
                     rows = []
+                    # Band banks reach `past_end` slices beyond an object (a walk that leaks one
+                    # slice past the end must still learn to answer nothing on the next).
+                    past = int(own.get("past_end", 1)) if all_slices and own.get("band") else 1
                     for z in range(n):
                         lab = label_to_lowres(aug.apply_label(label[z]))
                         objs = _objects_in(lab, cfg.min_area)
-                        ends = [v for v in np.unique(label[[zz for zz in (z - 1, z + 1) if 0 <= zz < n]])
-                                if v != 0 and v not in objs]
+                        near = [zz for zz in range(z - past, z + past + 1) if zz != z and 0 <= zz < n]
+                        ends = [v for v in np.unique(label[near]) if v != 0 and v not in objs]
                         if objs or ends:
                             rows.append((len(objs) + 0.5 * len(ends) + rng.uniform(0, 0.1), z, lab))
                     rows.sort(key=lambda row: row[:2], reverse=True)
                     if all_slices and own.get("band"):
-                        rows = _band_rows(rows, label, int(own["band"]))
+                        rows = _band_rows(rows, label, int(own["band"]), past)
                     for _, z, lab in (rows if all_slices else rows[: cfg.slices_per_variant]):
                         img = aug.apply_image(image[z])
                         nb = tuple(label_to_lowres(aug.apply_label(label[zz])) if 0 <= zz < n
@@ -205,16 +210,16 @@ def build_bank(cases: Sequence[dict], loaded, cfg: InteractiveConfig, rng: np.ra
     return [BankSlice(e, lab, nb, c, v, k, z) for e, (_, lab, nb, c, v, k, z) in zip(embeddings, plan)]
 
 
-def _band_rows(rows: list, label_zyx: np.ndarray, band: int) -> list:
+def _band_rows(rows: list, label_zyx: np.ndarray, band: int, past_end: int = 1) -> list:
     """The rows of three runs of consecutive slices: `band` slices inward from each end of the
-    labelled extent (with the slice past it, where a walk must stop) and `band` round the largest
-    slice (where a user prompts). Chains walk these; the rest of a long lesion adds little."""
+    labelled extent (with `past_end` slices past it, where a walk must stop) and `band` round the
+    largest slice (where a user prompts). Chains walk these; the rest of a long lesion adds little."""
     areas = (label_zyx != 0).reshape(label_zyx.shape[0], -1).sum(axis=1)
     present = np.flatnonzero(areas)
     if present.size == 0:
         return rows
     lo, hi, mid = int(present[0]), int(present[-1]), int(np.argmax(areas))
-    keep = set(range(lo - 1, lo + band)) | set(range(hi - band + 1, hi + 2)) | \
+    keep = set(range(lo - past_end, lo + band)) | set(range(hi - band + 1, hi + past_end + 1)) | \
         set(range(mid - band // 2, mid + band - band // 2))
     return [row for row in rows if row[1] in keep]
 
@@ -356,6 +361,9 @@ def decode(sam, embeddings, points, boxes, dense, multimask: bool, bf16: bool):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and embeddings.device.type == "cpu"):
         logits, iou = sam.decode(embeddings, points, boxes, dense, multimask)  # the model's own decode path
     return logits.float(), iou.float()
+
+
+EMPTY_AREA_SCALE = 16.0  # low-res pixels: a leak of this size costs half of the empty-target term
 
 
 def _iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -520,6 +528,21 @@ class InteractiveTrainer:
             dense = chosen[:, None]  # the round's own low-res logits: what the engine feeds back
         return losses, dices
 
+    def _largest_slices(self, bank) -> dict[tuple[int, int], int]:
+        """(copy, object) -> z of the bank slice where the object is largest (cached per bank)."""
+        cache = self.__dict__.setdefault("_largest_cache", {})
+        if id(bank) not in cache:
+            best: dict[tuple[int, int], tuple[int, int]] = {}
+            for s in bank:
+                if s.copy < 0:
+                    continue
+                ids, counts = np.unique(s.label[s.label != 0], return_counts=True)
+                for v, c in zip(ids.tolist(), counts.tolist()):
+                    if c > best.get((s.copy, v), (-1, 0))[0]:
+                        best[(s.copy, v)] = (c, s.z)
+            cache[id(bank)] = {k: z for k, (_, z) in best.items()}
+        return cache[id(bank)]
+
     def run_chain(self, bank, links, pairs, rng: np.random.Generator, train: bool, length: int):
         """A propagation walk on the model's own answers, as the engine walks (`prompt_from_previous`
         in box+mask mode: the previous answer's box widened by 3 px and its low-res logits), from a
@@ -536,9 +559,15 @@ class InteractiveTrainer:
         b = len(pairs)
         objs = [obj for _, obj in pairs]
         cur = [i for i, _ in pairs]
+        # Walks go outward from where the object is largest, as the engine's walks from a seed
+        # there do (most of the time: the rest walk inward, as from a seed near an end).
+        largest = self._largest_slices(bank)
         step_dir = []
-        for i in cur:
+        for i, obj in pairs:
             d = int(rng.choice([-1, 1]))
+            mid = largest.get((bank[i].copy, obj))
+            if mid is not None and bank[i].z != mid and rng.uniform() < cfg.outward_share:
+                d = 1 if bank[i].z > mid else -1
             if (bank[i].copy, bank[i].z + d) not in links:
                 d = -d
             step_dir.append(d)
@@ -614,12 +643,16 @@ class InteractiveTrainer:
 
     def seg_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """MONAI Dice + BCE per mask: (B, M, H, W) logits, (B, 1, H, W) target -> (B, M). An empty
-        target is scored by BCE alone (Dice of nothing against nothing says nothing)."""
+        target (a slice past the object's end) is scored by BCE plus P / (P + s), P the soft
+        predicted area in low-res pixels: averaged BCE barely feels a 300-pixel leak, while 3D Dice
+        and the walk's stop do (a leak past the end carries the walk on)."""
         tgt = target.expand_as(logits)
         bce = F.binary_cross_entropy_with_logits(logits, tgt, reduction="none").mean(dim=(2, 3))
         dice = self.dice_loss(logits, tgt).reshape(bce.shape)
         has_object = (target.flatten(1).sum(1) > 0).float()[:, None]
-        return bce + dice * has_object
+        area = torch.sigmoid(logits.float()).sum(dim=(2, 3))
+        leak = area / (area + EMPTY_AREA_SCALE)
+        return bce + dice * has_object + self.cfg.empty_weight * leak * (1 - has_object)
 
     # -- loops ---------------------------------------------------------------------------------
     def _lr(self, step: int) -> float:

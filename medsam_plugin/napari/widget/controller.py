@@ -101,6 +101,7 @@ class MedSAMWidget(QWidget):
         self._strip_data: tuple = ({}, (), 0)  # (confidence, seeds, n slices) of the current object
         self._fit_until = 0.0  # until then (time.monotonic), a canvas resize fits the scan again
         self._model_choice: tuple[str, str] = ("", "")  # the last (model, device) that passed the check
+        self._removing_own_layers = False
         self.keys = KeyBindings(self)
         self.panel = Panel(self)
         self._model_choice = (self.model_name(), self.device_name())
@@ -199,6 +200,33 @@ class MedSAMWidget(QWidget):
             for label_id, own in list(self.label_layers.overlaps.items()):
                 if own is layer:
                     del self.label_layers.overlaps[label_id]
+            if not self._removing_own_layers and self._owns(layer):
+                from qtpy.QtCore import QTimer
+
+                # After the removal is over: the viewer may be clearing every layer (closing), and
+                # then the scan goes too and nothing is put back.
+                index = getattr(event, "index", None)
+                QTimer.singleShot(0, lambda: self._put_back(layer, index))
+
+    def _owns(self, layer) -> bool:
+        own = [self.label_layers.labels, self.label_layers.pending, self.label_layers.orientation]
+        if self.prompt_layers is not None:
+            own += list(self.prompt_layers.layers)
+        return any(layer is o for o in own)
+
+    def _put_back(self, layer, index) -> None:
+        """Re-insert one of the session's own layers that the user deleted by hand: the widget keeps
+        writing results, prompts and paint into these layer objects, so without them every later
+        S, P or export would act on layers nobody can see."""
+        if self.label_layers is None or self.image_layer not in self.viewer.layers or not self._owns(layer) \
+                or layer in self.viewer.layers:
+            return
+        at = len(self.viewer.layers) if index is None else min(int(index), len(self.viewer.layers))
+        self.viewer.layers.insert(at, layer)
+        text = (f"'{layer.name}' belongs to the MedSAM session of '{self.image_layer.name}' and was put back "
+                f"(the work in it is kept). To close the session, remove the scan's layer.")
+        self._set_status(text)
+        _notify("info", text)
 
     def _close_scan(self) -> None:
         """The scan's image layer is gone: stop its work and take away everything shown of it.
@@ -217,13 +245,20 @@ class MedSAMWidget(QWidget):
         self.label_layers = self.prompt_layers = None
         self.autosave_folder = self.offered_folder = None
         self._strip_data = ({}, (), 0)
-        for layer in list(self.viewer.layers):
-            if self._is_plugin_layer(layer):
-                self.viewer.layers.remove(layer)
+        self._remove_plugin_layers()
         self.panel.set_active(False)
         self._fit_view()
         kept = " Its work is in the autosave: open it again to restore it." if saved else ""
         self._set_status(f"The scan was closed.{kept} Open a scan (or choose one and press 'Use this scan').")
+
+    def _remove_plugin_layers(self) -> None:
+        self._removing_own_layers = True  # the removal handler must not put these back
+        try:
+            for layer in list(self.viewer.layers):
+                if self._is_plugin_layer(layer):
+                    self.viewer.layers.remove(layer)
+        finally:
+            self._removing_own_layers = False
 
     @staticmethod
     def _is_plugin_layer(layer) -> bool:
@@ -285,8 +320,16 @@ class MedSAMWidget(QWidget):
         self._make_layers()
         self.panel.set_active(True)
         session.set_overlap(self.panel.overlap_mode())  # the panel's choice holds
+        irregular = session.irregular_slices
+        self.panel.volumes_approximate = irregular
         self._refresh_objects()
         self._set_status(f"Scan: {volume.describe()}.{window_note} Draw a box (or click points) on a slice, then press S.")
+        if irregular:
+            text = (f"'{layer.name}': {irregular}. Slice by slice the results are right, but volumes in mL are "
+                    f"approximate, and a label map (NIfTI, NRRD, MHA) would carry the wrong spacing: export a "
+                    f"DICOM SEG (.dcm) instead, or export the series again with every slice.")
+            self._set_status(text)
+            _notify("warning", text)
         self._find_autosave(layer, volume)
         return True
 
@@ -346,9 +389,7 @@ class MedSAMWidget(QWidget):
         """Create (or reset) the label and prompt layers over the session's scan."""
         if self.label_layers is not None:
             self.label_layers.close()
-        for layer in list(self.viewer.layers):
-            if self._is_plugin_layer(layer):
-                self.viewer.layers.remove(layer)
+        self._remove_plugin_layers()
         geometry = dict(layer_geometry(self.session.view))
         self.label_layers = LabelLayers(self.viewer, self.session, geometry, on_new_layer=self.keys.bind)
         self.prompt_layers = PromptLayers(self.viewer, geometry, self.session.shape_zyx)

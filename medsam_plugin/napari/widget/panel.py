@@ -69,6 +69,7 @@ class Panel(QWidget):
         self._history = (False, False)  # (can undo, can redo), applied whenever the panel is not busy
         self._busy = False
         self._active = False  # a scan is open in a session: the actions have something to act on
+        self.volumes_approximate = ""  # why the scan's mL are approximate (an unevenly spaced DICOM series)
         self._countdown: tuple[str, float] | None = None  # (message, expected end) of a slow one-time step
         self._countdown_timer = None
         c = controller
@@ -349,11 +350,13 @@ class Panel(QWidget):
             for label_id, name, color, ml, locked, hidden, preview in rows:
                 lock = " · locked" if locked else ""
                 shown = f" · preview {preview:.1f} mL" if preview is not None else ""
-                item = QListWidgetItem(swatch(color), f"{name}{VOLUME_SUFFIX}{ml:.1f} mL{shown}{lock}")
+                about = "≈" if self.volumes_approximate else ""
+                item = QListWidgetItem(swatch(color), f"{name}{VOLUME_SUFFIX}{about}{ml:.1f} mL{shown}{lock}")
                 item.setData(Qt.UserRole, label_id)
-                item.setToolTip(f"label id {label_id}; {ml:.2f} mL accepted"
+                item.setToolTip(f"label id {label_id}; {about}{ml:.2f} mL accepted"
                                 + (f"; the slice result not accepted yet: {preview:.2f} mL (A accepts it)"
-                                   if preview is not None else ""))
+                                   if preview is not None else "")
+                                + (f". Approximate: the scan's {self.volumes_approximate}" if about else ""))
                 item.setFlags(item.flags() | Qt.ItemIsEditable | Qt.ItemIsUserCheckable)
                 item.setCheckState(Qt.Unchecked if hidden else Qt.Checked)
                 self.object_list.addItem(item)
