@@ -420,3 +420,23 @@ def test_an_unevenly_spaced_series_says_its_volumes_are_approximate_and_refuses_
     assert "≈" in w.panel.object_list.item(0).text()
     assert w.export(tmp_path / "gap.nii.gz") is None
     assert not list(tmp_path.glob("gap.nii*"))
+
+
+def test_the_panel_keeps_its_rows_on_a_short_screen_and_fits_its_dock(make, qtbot):
+    """At 1100 x 650 the panel used to be squeezed into the dock: the buttons' captions were cut in
+    half. It scrolls instead, and a long scan name does not push it past the dock's right edge."""
+    from qtpy.QtWidgets import QPushButton
+
+    viewer, build = make
+    w = build()
+    window = viewer.window._qt_window
+    window.resize(1100, 650)
+    window.show()  # the fixture's viewer is hidden, and a hidden window lays nothing out
+    qtbot.waitExposed(window)
+    qtbot.wait(100)
+    buttons = [b for b in w.panel.findChildren(QPushButton) if b.isVisible()]
+    assert buttons
+    squeezed = [b.text() for b in buttons if b.height() < b.sizeHint().height()]
+    assert squeezed == []
+    assert w.scroll.verticalScrollBar().maximum() > 0  # the rest is a scroll away
+    assert w.panel.width() <= w.scroll.viewport().width()

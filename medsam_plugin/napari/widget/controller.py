@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from qtpy.QtWidgets import QVBoxLayout, QWidget
+from qtpy.QtCore import QSize, Qt
+from qtpy.QtWidgets import QFrame, QScrollArea, QVBoxLayout, QWidget
 
 from ...io.formats import DEFAULT_LABEL_SUFFIX, LABEL_SUFFIXES, has_suffix
 from .. import _autosave
@@ -61,6 +62,24 @@ def slices_phrase(zs) -> str:
 # (SegmentationSession._carve_background_click).
 CARVED_NOTE = ("the model kept the spot the background click marked, so the part of the mask round the click "
                "with the click's intensity was cut out (Ctrl+Z undoes)")
+
+
+class _VerticalScroll(QScrollArea):
+    """Scrolls its widget up and down only: the dock is kept as wide as the widget needs, now and
+    after rows appear (a width taken once at start-up left the panel 1 px wider than the dock)."""
+
+    def __init__(self, widget: QWidget) -> None:
+        super().__init__()
+        self.setWidgetResizable(True)
+        self.setFrameShape(QFrame.NoFrame)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        self.setWidget(widget)
+
+    def minimumSizeHint(self) -> QSize:
+        inner = self.widget().minimumSizeHint()
+        # napari's style sheet gives the area a frame even with NoFrame set
+        extra = self.verticalScrollBar().sizeHint().width() + 2 * self.frameWidth()
+        return QSize(inner.width() + extra, super().minimumSizeHint().height())
 
 
 class MedSAMWidget(QWidget):
@@ -109,7 +128,10 @@ class MedSAMWidget(QWidget):
                                  on_error=self._task_failed)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(self.panel)
+        # In a scroll area the panel keeps its rows' heights on a short screen (squeezed into the
+        # dock, the buttons' captions were cut in half at 870 px of window height).
+        self.scroll = _VerticalScroll(self.panel)
+        layout.addWidget(self.scroll)
         self.viewer.layers.events.inserted.connect(self._refresh_scan_choices)
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
         self.viewer.dims.events.current_step.connect(self._on_slice_changed)

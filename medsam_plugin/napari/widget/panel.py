@@ -60,6 +60,14 @@ def swatch(rgb) -> QIcon:
     return QIcon(pix)
 
 
+def _elide_long_names(combo) -> None:
+    """A long scan or checkpoint name must not widen the dock past the screen: the box keeps a
+    fixed width (the full name is in its tooltip and its list)."""
+    combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+    combo.setMinimumContentsLength(16)
+    combo.currentTextChanged.connect(combo.setToolTip)
+
+
 class Panel(QWidget):
     """The panel's widgets; `controller` receives every click and edit."""
 
@@ -79,6 +87,7 @@ class Panel(QWidget):
         scan = QGroupBox("Scan and model")
         form = QFormLayout(scan)
         self.scan_combo = QComboBox()
+        _elide_long_names(self.scan_combo)
         self.start_btn = QPushButton("Use this scan")
         self.start_btn.clicked.connect(lambda: c.start_session())
         row = QHBoxLayout()
@@ -86,6 +95,7 @@ class Panel(QWidget):
         row.addWidget(self.start_btn)
         form.addRow("Image", row)
         self.model_combo = QComboBox()
+        _elide_long_names(self.model_combo)
         self.model_combo.setEditable(True)
         self.model_combo.addItems(model_choices())
         self.model_combo.setToolTip("A registered model name, or the path of a fine-tuned checkpoint.")
