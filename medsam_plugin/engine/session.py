@@ -1000,8 +1000,11 @@ class SegmentationSession:
             marked |= set(seeds) - {from_slice}  # other seeds stay as the user made them
             stop = dataclasses.replace(stop, agree_with=current)
             labels = (seeds[from_slice].prompt or {}).get("point_labels")
-            present = np.flatnonzero(current.any(axis=(1, 2)))
-            before = present[present != from_slice]
+            holds = current.any(axis=(1, 2))
+            holds_elsewhere = holds.copy()
+            holds_elsewhere[from_slice] = False
+            present = np.flatnonzero(holds)
+            before = np.flatnonzero(holds_elsewhere)
             limit = None
             if labels is not None and len(labels) and int(np.asarray(labels).ravel()[-1]) == 0 and present.size:
                 # A background click says "less here": its re-propagation may reshape the object's
@@ -1021,13 +1024,11 @@ class SegmentationSession:
             others = np.array(sorted(set(seeds) - {from_slice}), dtype=int)
             if others.size:
                 lo, hi = limit if limit is not None else (0, self.shape_zyx[0] - 1)
-                holds = current.any(axis=(1, 2))
-                holds[from_slice] = False
                 if (others > from_slice).any():
-                    held = np.flatnonzero(holds[from_slice:])
+                    held = np.flatnonzero(holds_elsewhere[from_slice:])
                     hi = min(hi, from_slice + int(held[0]) - 1 if held.size else hi)
                 if (others < from_slice).any():
-                    held = np.flatnonzero(holds[:from_slice + 1])
+                    held = np.flatnonzero(holds_elsewhere[:from_slice + 1])
                     lo = max(lo, int(held[-1]) + 1 if held.size else lo)
                 limit = lo, hi
             if limit is not None:
