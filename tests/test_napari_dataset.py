@@ -93,7 +93,7 @@ def test_dataset_panel_next_save_leave_and_restore_with_keys(dataset_panel, qtbo
     assert case.status == "done" and case.label.is_file() and case.prompts_path.is_file()
     assert np.array_equal(read_labels(case.label, medsam.session.volume), expected)
     assert panel.progress_label.text().startswith("1 of 3 done")
-    assert "done" in panel.case_list.item(0).text() and " ml" in panel.case_list.item(0).text()
+    assert "done" in panel.case_list.item(0).text() and " mL" in panel.case_list.item(0).text()
     raw = json.loads((folder / "dataset.json").read_text())
     assert raw["labels"]["1"] == medsam.session.labels.objects[1].name
 

@@ -59,7 +59,7 @@ class Case:
     """One scan of the dataset.
 
     `image` and `label` are absolute paths; `label` may not exist yet. `split` is "training"
-    (imagesTr/ or a plain folder) or "test" (imagesTs/). `objects` maps label id -> volume (ml)
+    (imagesTr/ or a plain folder) or "test" (imagesTs/). `objects` maps label id -> volume (mL)
     as last saved.
     """
 

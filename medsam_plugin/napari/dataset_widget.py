@@ -196,7 +196,7 @@ class DatasetWidget(QWidget):
         names = ds.label_names()
         self.case_list.clear()
         for c in ds.cases:
-            volumes = ", ".join(f"{names.get(k, f'label {k}')} {v:.1f} ml" for k, v in sorted(c.objects.items()))
+            volumes = ", ".join(f"{names.get(k, f'label {k}')} {v:.1f} mL" for k, v in sorted(c.objects.items()))
             text = f"{'▶ ' if c.name == self.current else ''}{c.name}  —  {STATUS_TEXT[c.status]}"
             if c.split == "test":
                 text += " (test)"
