@@ -429,6 +429,8 @@ def test_the_panel_keeps_its_rows_on_a_short_screen_and_fits_its_dock(make, qtbo
 
     viewer, build = make
     w = build()
+    viewer.add_image(np.zeros((2, 8, 8), np.float32), name="scan_" + "with_a_very_long_series_description_" * 4)
+    assert w.panel.scan_combo.count() == 2  # the long name is one of the scans offered
     window = viewer.window._qt_window
     window.resize(1100, 650)
     window.show()  # the fixture's viewer is hidden, and a hidden window lays nothing out
