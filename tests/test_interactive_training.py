@@ -314,3 +314,12 @@ def test_chain_episodes_walk_consecutive_slices_on_the_models_own_answers(chain_
     assert info["start"] == "chain"
     after = trainer._trainable_state()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the walk's losses reach the weights
+
+    # End chains start within chain_length slices of where the spleen ends and walk towards that end.
+    present_z = sorted({trainer.bank[i].z for i, _ in trainer.present})
+    assert trainer.end_starts
+    for i, obj, d in trainer.end_starts:
+        end = present_z[-1] if d == 1 else present_z[0]
+        assert 0 <= (end - trainer.bank[i].z) * d < cfg.chain_length
+    trainer.cfg.end_chain_share = 1.0
+    assert trainer.train_step(1)["start"] == "chain (end)"

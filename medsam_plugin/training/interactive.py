@@ -95,6 +95,8 @@ class InteractiveConfig:
     chain_share: float = 0.0          # share of steps that walk slices on the model's own answers (run_chain)
     chain_length: int = 4             # slices a chain walks past its seed at most
     outward_share: float = 0.8        # chains that walk away from the object's largest slice
+    end_chain_share: float = 0.0      # chains that start within chain_length slices of an end and walk past it
+    keep_checkpoints: bool = False    # also write OUT_stepN.pth at every validation (choose by 3D walks later)
     empty_weight: float = 1.0         # the leak term on targets past an object's end (seg_loss)
     teacher_model: str | None = None  # whose box answers are distilled (default: the model trained from)
     val_every: int = 100
@@ -449,6 +451,7 @@ class InteractiveTrainer:
                               for i, _ in self.present], bool) if self.present else np.zeros(0, bool)
         self.chain_idx = np.flatnonzero(chainable)
         self.chain_p = w[chainable] / w[chainable].sum() if chainable.any() else None
+        self.end_starts = self._end_starts(self.bank, self.links, cfg.chain_length)
         self.val_bank = []
         if val_cases:
             vcfg = copy.copy(cfg)
@@ -543,7 +546,30 @@ class InteractiveTrainer:
             cache[id(bank)] = {k: z for k, (_, z) in best.items()}
         return cache[id(bank)]
 
-    def run_chain(self, bank, links, pairs, rng: np.random.Generator, train: bool, length: int):
+    def _end_starts(self, bank, links, reach: int) -> list[tuple[int, int, int]]:
+        """(bank index, object, step towards the end) of every slice that holds an object within
+        `reach` slices of where the object ends in its copy, with the walk to the end encoded: the
+        tapering last slices, where a walk on its own masks keeps too much (the object's largest
+        slice, where most chains start, is far from them)."""
+        extent: dict[tuple[int, int], list[int]] = {}
+        for i, obj in self.present:
+            s = bank[i]
+            if s.copy >= 0:
+                lo_hi = extent.setdefault((s.copy, obj), [s.z, s.z])
+                lo_hi[0], lo_hi[1] = min(lo_hi[0], s.z), max(lo_hi[1], s.z)
+        starts = []
+        for i, obj in self.present:
+            s = bank[i]
+            if s.copy < 0:
+                continue
+            lo, hi = extent[(s.copy, obj)]
+            for end, d in ((hi, 1), (lo, -1)):
+                if 0 <= (end - s.z) * d < reach and all((s.copy, z) in links for z in range(s.z, end + d, d)):
+                    starts.append((i, obj, d))
+        return starts
+
+    def run_chain(self, bank, links, pairs, rng: np.random.Generator, train: bool, length: int,
+                  towards: list[int] | None = None):
         """A propagation walk on the model's own answers, as the engine walks (`prompt_from_previous`
         in box+mask mode: the previous answer's box widened by 3 px and its low-res logits), from a
         box or one-click seed, `length` slices up or down at most (past the object's end where that
@@ -563,10 +589,12 @@ class InteractiveTrainer:
         # there do (most of the time: the rest walk inward, as from a seed near an end).
         largest = self._largest_slices(bank)
         step_dir = []
-        for i, obj in pairs:
+        for k, (i, obj) in enumerate(pairs):
             d = int(rng.choice([-1, 1]))
             mid = largest.get((bank[i].copy, obj))
-            if mid is not None and bank[i].z != mid and rng.uniform() < cfg.outward_share:
+            if towards is not None:
+                d = towards[k]
+            elif mid is not None and bank[i].z != mid and rng.uniform() < cfg.outward_share:
                 d = 1 if bank[i].z > mid else -1
             if (bank[i].copy, bank[i].z + d) not in links:
                 d = -d
@@ -670,11 +698,18 @@ class InteractiveTrainer:
         self.loaded.sam.train()
         self.optimizer.zero_grad(set_to_none=True)
         if self.chain_p is not None and rng.uniform() < cfg.chain_share:
-            picks = rng.choice(len(self.chain_idx), cfg.batch_size, p=self.chain_p)
-            pairs = [self.present[int(self.chain_idx[k])] for k in picks]
-            length = int(rng.integers(1, cfg.chain_length + 1))
-            losses, dices = self.run_chain(self.bank, self.links, pairs, rng, True, length)
-            info = {"start": "chain", "rounds": length}
+            towards = None
+            if self.end_starts and rng.uniform() < cfg.end_chain_share:
+                picks = rng.integers(0, len(self.end_starts), cfg.batch_size)
+                pairs = [self.end_starts[int(k)][:2] for k in picks]
+                towards = [self.end_starts[int(k)][2] for k in picks]
+                length = cfg.chain_length
+            else:
+                picks = rng.choice(len(self.chain_idx), cfg.batch_size, p=self.chain_p)
+                pairs = [self.present[int(self.chain_idx[k])] for k in picks]
+                length = int(rng.integers(1, cfg.chain_length + 1))
+            losses, dices = self.run_chain(self.bank, self.links, pairs, rng, True, length, towards)
+            info = {"start": "chain" + (" (end)" if towards else ""), "rounds": length}
         else:
             names = list(cfg.starts)
             weights = np.array([cfg.starts[n] for n in names], np.float64)
@@ -799,6 +834,9 @@ class InteractiveTrainer:
         if improved or not self.out.exists():
             best = max(best, score)
             self.save_model(self.out, self._meta(history, step, val))
+        if self.cfg.keep_checkpoints:
+            self.save_model(self.out.with_name(f"{self.out.stem}_step{step}{self.out.suffix}"),
+                            self._meta(history, step, val))
         self.save_resume({"step": step, "trainable": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
                           "best": best, "history": history, "config": _plain(self.cfg)})
         self.log(f"step {step}: val " + _fmt(val) + (" | saved" if improved else ""))
