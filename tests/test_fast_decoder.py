@@ -79,9 +79,9 @@ def test_slice_state_is_kept_for_reprompts_and_renewed_with_the_embedding(lite_m
     calls = []
     original = FastMaskDecoder.slice_state
 
-    def counting(self, embedding, dense=None):
-        calls.append(dense is None)
-        return original(self, embedding, dense)
+    def counting(self, embedding, dense=None, dense_tokens=None):
+        calls.append(dense is None and dense_tokens is None)
+        return original(self, embedding, dense, dense_tokens)
 
     monkeypatch.setattr(FastMaskDecoder, "slice_state", counting)
     first = predictor.predict(z, box_xyxy=box)
@@ -94,6 +94,23 @@ def test_slice_state_is_kept_for_reprompts_and_renewed_with_the_embedding(lite_m
     assert calls == [True, False, True]
     assert np.array_equal(renewed.mask_yx, first.mask_yx)
     assert predictor.encode_count == 2 and again.mask_yx.any()
+
+
+def test_the_dense_tokens_of_a_mask_prompt_are_the_prompt_encoders(lite_medsam, spleen):
+    """The per-pixel-matmul mask encoding gives the prompt encoder's dense embedding as image tokens,
+    for real logits and for the halved ones a correction asks with."""
+    volume, z, box, _, _ = spleen
+    predictor = SlicePredictor(lite_medsam)
+    predictor.set_volume(volume)
+    logits = predictor.predict(z, box_xyxy=box).logits_256
+    fast = predictor._fast()
+    for scale in (1.0, 0.5):
+        masks = torch.as_tensor(logits * scale).reshape(1, 1, 256, 256)
+        with torch.inference_mode():
+            reference = lite_medsam.sam.prompt_encoder(points=None, boxes=None, masks=masks)[1]
+            tokens = fast.dense_tokens(masks)
+        assert tokens.shape == (64 * 64, reference.shape[1])
+        torch.testing.assert_close(tokens, reference[0].flatten(1).t(), rtol=1e-5, atol=1e-5)
 
 
 def test_decoder_choice_from_the_environment(lite_medsam, monkeypatch):

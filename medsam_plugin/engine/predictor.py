@@ -230,9 +230,10 @@ class SlicePredictor:
             if self.decoder_name == "fast":
                 if self._dense_pe is None:
                     self._dense_pe = self.sam.prompt_encoder.get_dense_pe()
-                sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=masks)
+                sparse, _ = self.sam.prompt_encoder(points=points, boxes=boxes, masks=None)
                 fast = self._fast()
-                state = self._slice_state(z) if masks is None else fast.slice_state(self.embedding(z), dense)
+                state = self._slice_state(z) if masks is None else fast.slice_state(
+                    self.embedding(z), dense_tokens=fast.dense_tokens(masks))
                 low_res, iou = fast.decode(state, sparse, multimask)
                 low_res, iou = low_res[None], iou[None]
             else:  # the model's own prompt encoder + mask decoder, as fine-tuning runs them
@@ -276,7 +277,7 @@ class SlicePredictor:
                     continue
                 key = id(p["mask_logits_256"])
                 if key not in states:
-                    states[key] = fast.slice_state(self.embedding(z), encoder(points=None, boxes=None, masks=masks)[1])
+                    states[key] = fast.slice_state(self.embedding(z), dense_tokens=fast.dense_tokens(masks))
                 state_list.append(states[key])
             longest = max(sp.shape[0] for sp in sparse_list)
             sparse = sparse_list[0].new_zeros(len(prompts), longest, sparse_list[0].shape[-1])  # (B, K, D)

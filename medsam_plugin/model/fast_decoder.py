@@ -80,10 +80,35 @@ class FastMaskDecoder:
             self.key_pe = pe[0].flatten(1).t().contiguous()  # (HW, D)
 
     # ------------------------------------------------------------------ per slice
-    def slice_state(self, embedding: torch.Tensor, dense: torch.Tensor | None = None) -> SliceState:
-        """The prompt-independent tensors for embedding (1, D, h, w); dense defaults to "no mask"."""
+    def dense_tokens(self, masks: torch.Tensor) -> torch.Tensor:
+        """The prompt encoder's dense embedding of a mask prompt (1, 1, 4h, 4w), as image tokens (HW, D).
+
+        `mask_downscaling` (two 2x2 stride-2 convolutions, each followed by a channel layer norm and
+        GELU, then a 1x1 convolution) written as per-pixel matmuls in token order, as the upscaling
+        is: several times faster than the module's channel-first layer norms on a CPU (a
+        correction and every box+mask propagation step encode a mask prompt)."""
+        md = self.prompt_encoder.mask_downscaling
+        conv1, norm1, conv2, norm2, conv3 = md[0], md[1], md[3], md[4], md[6]
+        h, w = self.grid
         with torch.inference_mode():
-            if dense is None:
+            # Pixel (4i + 2a + dy, 4j + 2b + dx) -> row (i, j, a, b), column (dy, dx).
+            x = masks.reshape(h, 2, 2, w, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(-1, 4)
+            c1 = conv1.out_channels
+            y = F.linear(x, conv1.weight.reshape(c1, 4), conv1.bias)  # (HW*4, c1)
+            y = F.gelu(F.layer_norm(y, (c1,), norm1.weight, norm1.bias, norm1.eps)).reshape(h * w, 4 * c1)
+            c2 = conv2.out_channels
+            y = F.linear(y, conv2.weight.permute(0, 2, 3, 1).reshape(c2, -1), conv2.bias)  # columns (a, b, c)
+            y = F.gelu(F.layer_norm(y, (c2,), norm2.weight, norm2.bias, norm2.eps))
+            return F.linear(y, conv3.weight.reshape(conv3.out_channels, -1), conv3.bias)  # (HW, D)
+
+    def slice_state(self, embedding: torch.Tensor, dense: torch.Tensor | None = None,
+                    dense_tokens: torch.Tensor | None = None) -> SliceState:
+        """The prompt-independent tensors for embedding (1, D, h, w) and a dense prompt, given as
+        the prompt encoder's (1, D, h, w) `dense` or as `dense_tokens` (HW, D); "no mask" without either."""
+        with torch.inference_mode():
+            if dense_tokens is not None:
+                keys = (embedding[0].flatten(1).t() + dense_tokens).contiguous()
+            elif dense is None:
                 dense_vec = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1)  # (1, D)
                 keys = embedding[0].flatten(1).t() + dense_vec  # (HW, D), contiguous
             else:
