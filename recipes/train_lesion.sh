@@ -19,5 +19,5 @@ exec .venv/bin/medsam-plugin finetune --objective interactive \
   --model "${BASE:-$V1}" --teacher-model lite_medsam --distill-weight 0.25 \
   --out "$OUT" --steps "${STEPS:-500}" --batch-size 8 --lr 1e-4 --max-rounds 4 \
   --chain-share 0.4 --chain-length 4 --slices-per-variant 16 \
-  --val-every 50 --bf16 auto --threads "${THREADS:-2}" \
+  --val-every 50 --bf16 auto --threads "${THREADS:-2}" --stop-policy lesion-interactive \
   --max-minutes "${MAX_MINUTES:-170}" --json "${OUT%.pth}.history.json" "$@"

@@ -114,7 +114,7 @@ def test_training_lowers_the_loss_of_every_round(tiny_datalist, tmp_path, embedd
     cfg = InteractiveConfig(datalist=str(tiny_datalist), out=str(tmp_path / "m.pth"), views=("axial",),
                             ct_windows=("abdomen",), variants=0, slices_per_variant=2, steps=12, batch_size=4,
                             max_rounds=2, lr=3e-4, warmup_steps=1, val_every=100, device="cpu",
-                            cache_dir=str(embedding_cache_dir), progress=False, seed=0)
+                            cache_dir=str(embedding_cache_dir), progress=False, seed=0, stop_policy="lesion-interactive")
     trainer = InteractiveTrainer(cfg, log_fn=lambda msg: None)
     trainer.setup()
     assert len(trainer.bank) == 2 and trainer.present
@@ -137,6 +137,17 @@ def test_training_lowers_the_loss_of_every_round(tiny_datalist, tmp_path, embedd
     ckpt = read_checkpoint(cfg.out)
     assert {k.split(".")[0] for k in ckpt["state_dict"]} == {"prompt_encoder", "mask_decoder"}
     assert all(v.dtype == torch.float16 for v in ckpt["state_dict"].values())  # a few MB to ship
+    # The stop rule named at training time travels in the checkpoint and is the one it is used with.
+    trainer.save_model(Path(cfg.out), trainer._meta([], cfg.steps, {}))
+    from medsam_plugin.engine.propagation import LESION_POLICY, policy_for_model
+    from medsam_plugin.model.registry import load_model
+
+    assert policy_for_model(load_model(cfg.out).spec) == LESION_POLICY
+
+
+def test_an_unknown_stop_policy_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match="Unknown stop policy 'lesions'.*lesion-interactive"):
+        InteractiveConfig(datalist=str(tmp_path / "d.json"), out=str(tmp_path / "m.pth"), stop_policy="lesions")
 
 
 # ---------------------------------------------------------------------------------- one embedding cache

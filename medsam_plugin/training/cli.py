@@ -91,6 +91,9 @@ def add_finetune_parser(sub) -> None:
     g.add_argument("--chain-length", type=int, default=4, help="slices a chain episode walks at most")
     g.add_argument("--end-chain-share", type=float, default=0.0,
                    help="share of chain episodes that start near an object's end and walk past it")
+    g.add_argument("--stop-policy", default=None,
+                   help="the propagation stop rule the checkpoint is used with (a name of engine.propagation.POLICIES, "
+                        "e.g. lesion-interactive); written into its meta")
     g.add_argument("--keep-checkpoints", action="store_true",
                    help="also keep OUT_stepN.pth at every validation (to choose one by 3D walks afterwards)")
     g.add_argument("--teacher-model", default=None,
@@ -140,7 +143,7 @@ def interactive_config_from_args(args):
         max_minutes=args.max_minutes, resume=args.resume, seed=args.seed, device=args.device, bf16=bf16,
         threads=args.threads, cache_dir=args.cache_dir, progress=True,
         chain_share=args.chain_share, chain_length=args.chain_length, teacher_model=args.teacher_model,
-        end_chain_share=args.end_chain_share, keep_checkpoints=args.keep_checkpoints,
+        end_chain_share=args.end_chain_share, keep_checkpoints=args.keep_checkpoints, stop_policy=args.stop_policy,
         **({"ct_windows": tuple(w.strip() for w in args.ct_windows.split(",") if w.strip())} if args.ct_windows else {}),
     )
 

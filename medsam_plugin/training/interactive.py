@@ -97,6 +97,7 @@ class InteractiveConfig:
     outward_share: float = 0.8        # chains that walk away from the object's largest slice
     end_chain_share: float = 0.0      # chains that start within chain_length slices of an end and walk past it
     keep_checkpoints: bool = False    # also write OUT_stepN.pth at every validation (choose by 3D walks later)
+    stop_policy: str | None = None    # engine.propagation.POLICIES name written into the checkpoint's meta
     empty_weight: float = 1.0         # the leak term on targets past an object's end (seg_loss)
     teacher_model: str | None = None  # whose box answers are distilled (default: the model trained from)
     val_every: int = 100
@@ -118,6 +119,11 @@ class InteractiveConfig:
             raise ValueError(f"Unknown start(s) {unknown}; known: {', '.join(STARTS)}.")
         if self.max_rounds < 0 or self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch size must be positive and max_rounds not negative.")
+        if self.stop_policy is not None:
+            from ..engine.propagation import POLICIES
+
+            if self.stop_policy not in POLICIES:
+                raise ValueError(f"Unknown stop policy {self.stop_policy!r}; known: {', '.join(POLICIES)}.")
 
 
 # ---------------------------------------------------------------------------------- slice bank
@@ -845,7 +851,8 @@ class InteractiveTrainer:
     def _meta(self, history: list, step: int, val: dict) -> dict:
         return {"trained_by": "medsam_plugin.training.interactive", "objective": "interactive", "step": step,
                 "validation": val, "history": history, "config": _plain(self.cfg),
-                "prompts": ["box", "points", "mask"], "recommended_mode": "box+mask", "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+                "prompts": ["box", "points", "mask"], "recommended_mode": "box+mask", "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                **({"stop_policy": self.cfg.stop_policy} if self.cfg.stop_policy else {})}
 
 
 def _fmt(val: dict) -> str:
