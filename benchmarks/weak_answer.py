@@ -18,6 +18,7 @@ uses (`engine.session.WEAK_ANSWER_IOU`) is the t chosen on all patients; the hel
 range says how stable it is.
 
     python benchmarks/weak_answer.py [--record /tmp/weak_record.jsonl] [--json out.json] [--limit N]
+                                     [--held-out recipes/lesion_datalist.json]
 
 `--record` keeps the answers as they come: a second run with the same file asks the model only
 about the objects not in it yet.
@@ -40,11 +41,17 @@ LESIONS = SHARED.parent / "lesions"
 GRID = np.round(np.arange(0.30, 0.951, 0.01), 2)
 
 
-def objects():
-    """(case folder, label, patient) of every object measured."""
+def objects(held_out: Path | None = None):
+    """(case folder, label, patient) of every object measured; with `held_out` (a training
+    datalist), only those of cases and patients it does not train on (a threshold for a model is
+    chosen on answers it has not learned from)."""
     out = [(SHARED / case, label, case) for case, labels in DEFAULT_LABELS.items() for label in labels]
     manifest = json.loads((LESIONS / "manifest.json").read_text())["cases"]
     out += [(LESIONS / c["id"], 1, c["patient"]) for c in manifest]
+    if held_out is not None:
+        trained = {c["name"] for c in json.loads(Path(held_out).read_text())["training"]}
+        patients = {c["patient"] for c in manifest if c["id"] in trained}
+        out = [o for o in out if o[0].name not in trained and o[2] not in patients]
     return [o for o in out if (o[0] / "image.nii.gz").is_file()]
 
 
@@ -65,7 +72,8 @@ def deepest_point(mask_yx: np.ndarray) -> np.ndarray:
     return np.array([[float(y), float(x)]])
 
 
-def record(model: str, limit: int | None, cache_dir: str | None, keep: Path | None = None) -> list[dict]:
+def record(model: str, limit: int | None, cache_dir: str | None, keep: Path | None = None,
+           held_out: Path | None = None) -> list[dict]:
     """Answer every object's seed slices; with `keep`, each object's answers are appended to that
     JSON-lines file as they come, and objects already there are not asked again."""
     import torch
@@ -83,7 +91,7 @@ def record(model: str, limit: int | None, cache_dir: str | None, keep: Path | No
     if keep is not None and keep.is_file():
         rows = [json.loads(line) for line in keep.read_text().splitlines() if line.strip()]
         done = {(r["case"], r["label"]) for r in rows}
-    for folder, label, patient in objects()[:limit]:
+    for folder, label, patient in objects(held_out)[:limit]:
         if (folder.name, label) in done:
             continue
         t0 = time.perf_counter()
@@ -166,11 +174,15 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="only the first N objects (a quick check)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--analyse-only", action="store_true", help="only analyse the answers in --record")
+    ap.add_argument("--held-out", default=None, metavar="DATALIST",
+                    help="only the objects this training datalist does not train on (its cases and their patients), "
+                         "e.g. recipes/lesion_datalist.json for the shipped medsam_interactive")
     args = ap.parse_args(argv)
     if args.analyse_only:
         rows = [json.loads(line) for line in Path(args.record).read_text().splitlines() if line.strip()]
     else:
-        rows = record(args.model, args.limit, args.cache_dir, Path(args.record) if args.record else None)
+        rows = record(args.model, args.limit, args.cache_dir, Path(args.record) if args.record else None,
+                      Path(args.held_out) if args.held_out else None)
     out = {name: analyse(rows, args.weak_dice, prompts)
            for name, prompts in (("all", ("click", "box")), ("click", ("click",)), ("box", ("box",)))}
     for name, res in out.items():
