@@ -89,6 +89,8 @@ def add_finetune_parser(sub) -> None:
     g.add_argument("--chain-share", type=float, default=0.0,
                    help="share of steps that walk slices on the model's own answers (box+mask propagation)")
     g.add_argument("--chain-length", type=int, default=4, help="slices a chain episode walks at most")
+    g.add_argument("--empty-weight", type=float, default=1.0,
+                   help="weight of the leak term on targets past an object's end (predicted area P costs P/(P+16))")
     g.add_argument("--end-chain-share", type=float, default=0.0,
                    help="share of chain episodes that start near an object's end and walk past it")
     g.add_argument("--stop-policy", default=None,
@@ -144,6 +146,7 @@ def interactive_config_from_args(args):
         threads=args.threads, cache_dir=args.cache_dir, progress=True,
         chain_share=args.chain_share, chain_length=args.chain_length, teacher_model=args.teacher_model,
         end_chain_share=args.end_chain_share, keep_checkpoints=args.keep_checkpoints, stop_policy=args.stop_policy,
+        empty_weight=args.empty_weight,
         **({"ct_windows": tuple(w.strip() for w in args.ct_windows.split(",") if w.strip())} if args.ct_windows else {}),
     )
 
