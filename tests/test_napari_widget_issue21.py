@@ -425,6 +425,7 @@ def test_an_unevenly_spaced_series_says_its_volumes_are_approximate_and_refuses_
 def test_the_panel_keeps_its_rows_on_a_short_screen_and_fits_its_dock(make, qtbot):
     """At 1100 x 650 the panel used to be squeezed into the dock: the buttons' captions were cut in
     half. It scrolls instead, and a long scan name does not push it past the dock's right edge."""
+    from qtpy.QtCore import QPoint
     from qtpy.QtWidgets import QPushButton
 
     viewer, build = make
@@ -442,3 +443,9 @@ def test_the_panel_keeps_its_rows_on_a_short_screen_and_fits_its_dock(make, qtbo
     assert squeezed == []
     assert w.scroll.verticalScrollBar().maximum() > 0  # the rest is a scroll away
     assert w.panel.width() <= w.scroll.viewport().width()
+    # The status line is not a scroll away: it sits under the scrolling panel, inside the window.
+    w.panel.set_status("The model is unsure of this answer: draw a box around the structure or add a click. " * 2)
+    qtbot.wait(50)
+    bottom = w.panel.status.mapTo(window, QPoint(0, w.panel.status.height())).y()
+    assert 0 < bottom <= window.height(), f"the status line ends {bottom} px down a {window.height()} px window"
+    assert not w.panel.isAncestorOf(w.panel.status) and w.panel.status.isVisible()

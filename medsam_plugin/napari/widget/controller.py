@@ -132,6 +132,11 @@ class MedSAMWidget(QWidget):
         # dock, the buttons' captions were cut in half at 870 px of window height).
         self.scroll = _VerticalScroll(self.panel)
         layout.addWidget(self.scroll)
+        # The status line stays in view under the scrolling panel: at the end of a panel taller than
+        # the window, the answer to S (an unsure answer's advice included) was below the fold.
+        self.panel.layout().removeWidget(self.panel.status)
+        self.panel.status.setContentsMargins(6, 4, 6, 4)
+        layout.addWidget(self.panel.status)
         self.viewer.layers.events.inserted.connect(self._refresh_scan_choices)
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
         self.viewer.dims.events.current_step.connect(self._on_slice_changed)
