@@ -7,6 +7,7 @@ import os
 import json
 import logging
 import pickle
+import signal
 import sys
 from pathlib import Path
 
@@ -579,6 +580,11 @@ def main(argv=None) -> int:
         from .training.cli import cmd_finetune
 
         handlers["finetune"] = cmd_finetune
+    if args.command == "finetune":
+        # The Dataset panel cancels a fine-tune with SIGINT. A shell that starts napari (or this
+        # command) in the background hands the process SIGINT ignored, and Python then never raises
+        # KeyboardInterrupt: the cancel went unheard and the run went on to its last step.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if args.command == "finetune":
             check_datalist(args.datalist)
