@@ -581,9 +581,9 @@ def main(argv=None) -> int:
 
         handlers["finetune"] = cmd_finetune
     if args.command == "finetune":
-        # The Dataset panel cancels a fine-tune with SIGINT. A shell that starts napari (or this
-        # command) in the background hands the process SIGINT ignored, and Python then never raises
-        # KeyboardInterrupt: the cancel went unheard and the run went on to its last step.
+        # The Dataset panel cancels a fine-tune with SIGINT. A script that starts napari (or this
+        # command) in the background with `&` hands the process SIGINT ignored, and Python then never
+        # raises KeyboardInterrupt: the cancel went unheard and the run went on to its last step.
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if args.command == "finetune":
