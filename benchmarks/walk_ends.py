@@ -42,23 +42,16 @@ GROUPS = [("sarcoma CT", lambda c: "sts" in c and c.endswith("_ct")),
           ("stroke", lambda c: "isles" in c),
           ("cord + BraTS", lambda c: "brats" in c or "spinalcord" in c),
           ("organs", lambda c: "spleen" in c or "totalseg" in c)]
-TESTS = {"min_iou_previous": ("iou_previous", np.less), "min_predicted_iou": ("predicted_iou", np.less),
-         "min_stability": ("stability", np.less), "max_intensity_shift": ("intensity_shift", np.greater),
-         "max_area_growth": ("area_ratio_previous", np.greater), "min_area_ratio_seed": ("area_ratio_seed", np.less)}
 
 
 def kept(walk: dict, policy) -> int:
-    """Slices of a recorded walk that `policy` (a StopPolicy) keeps."""
-    first = len(walk["z"])
-    for field, (signal, fails) in TESTS.items():
-        threshold = getattr(policy, field, None)
-        if threshold is None:
-            continue
-        values = np.array([np.nan if s[signal] is None else s[signal] for s in walk["signals"]], float)
-        bad = np.flatnonzero(fails(values, threshold))  # NaN never fails, as in StopPolicy.rejects
-        if bad.size:
-            first = min(first, int(bad[0]))
-    return first
+    """Slices of a recorded walk that `policy` (a StopPolicy) keeps: up to the first it rejects."""
+    from medsam_plugin.engine.propagation import SliceSignals
+
+    for k, signals in enumerate(walk["signals"]):
+        if policy.rejects(SliceSignals(**signals)) is not None:
+            return k
+    return len(walk["z"])
 
 
 def score(obj: dict, policy) -> dict:

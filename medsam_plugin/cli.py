@@ -580,7 +580,6 @@ def main(argv=None) -> int:
         from .training.cli import cmd_finetune
 
         handlers["finetune"] = cmd_finetune
-    if args.command == "finetune":
         # The Dataset panel cancels a fine-tune with SIGINT. A script that starts napari (or this
         # command) in the background with `&` hands the process SIGINT ignored, and Python then never
         # raises KeyboardInterrupt: the cancel went unheard and the run went on to its last step.

@@ -46,7 +46,8 @@ def test_fast_decoder_matches_the_reference(lite_medsam, spleen, kind, multimask
         sparse, dense = sam.prompt_encoder(**prompt)
         ref_logits, ref_iou = sam.mask_decoder(embedding, sam.prompt_encoder.get_dense_pe(), sparse, dense, multimask)
     fast = FastMaskDecoder(sam)
-    state = fast.slice_state(embedding, None if prompt["masks"] is None else dense)
+    # The mask prompt goes through the fast path's own encoding, as the predictor sends it.
+    state = fast.slice_state(embedding, None if prompt["masks"] is None else fast.dense_tokens(prompt["masks"]))
     logits, iou = fast.decode(state, sparse, multimask)
     assert logits.shape == ref_logits.shape[1:] == ((3 if multimask else 1), 256, 256)
     assert iou.shape == ref_iou.shape[1:]
@@ -79,9 +80,9 @@ def test_slice_state_is_kept_for_reprompts_and_renewed_with_the_embedding(lite_m
     calls = []
     original = FastMaskDecoder.slice_state
 
-    def counting(self, embedding, dense=None, dense_tokens=None):
-        calls.append(dense is None and dense_tokens is None)
-        return original(self, embedding, dense, dense_tokens)
+    def counting(self, embedding, dense_tokens=None):
+        calls.append(dense_tokens is None)
+        return original(self, embedding, dense_tokens)
 
     monkeypatch.setattr(FastMaskDecoder, "slice_state", counting)
     first = predictor.predict(z, box_xyxy=box)

@@ -101,18 +101,13 @@ class FastMaskDecoder:
             y = F.gelu(F.layer_norm(y, (c2,), norm2.weight, norm2.bias, norm2.eps))
             return F.linear(y, conv3.weight.reshape(conv3.out_channels, -1), conv3.bias)  # (HW, D)
 
-    def slice_state(self, embedding: torch.Tensor, dense: torch.Tensor | None = None,
-                    dense_tokens: torch.Tensor | None = None) -> SliceState:
-        """The prompt-independent tensors for embedding (1, D, h, w) and a dense prompt, given as
-        the prompt encoder's (1, D, h, w) `dense` or as `dense_tokens` (HW, D); "no mask" without either."""
+    def slice_state(self, embedding: torch.Tensor, dense_tokens: torch.Tensor | None = None) -> SliceState:
+        """The prompt-independent tensors for embedding (1, D, h, w) and a mask prompt's
+        `dense_tokens` (HW, D, from `dense_tokens`); "no mask" without them."""
         with torch.inference_mode():
-            if dense_tokens is not None:
-                keys = (embedding[0].flatten(1).t() + dense_tokens).contiguous()
-            elif dense is None:
-                dense_vec = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1)  # (1, D)
-                keys = embedding[0].flatten(1).t() + dense_vec  # (HW, D), contiguous
-            else:
-                keys = (embedding[0] + dense[0]).flatten(1).t().contiguous()
+            if dense_tokens is None:
+                dense_tokens = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1)  # (1, D), broadcast
+            keys = (embedding[0].flatten(1).t() + dense_tokens).contiguous()  # (HW, D)
             keys_pe = keys + self.key_pe
             block = self.transformer.layers[0]
             t2i, i2t = block.cross_attn_token_to_image, block.cross_attn_image_to_token
