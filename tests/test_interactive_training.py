@@ -19,8 +19,12 @@ from medsam_plugin.training.interactive import (
     InteractiveTrainer,
     click_in,
     corrective_click,
+    BankSlice,
+    bank_links,
     dense_from_mask,
+    far_prompt,
     jitter_box,
+    make_episode,
     propagation_box,
 )
 
@@ -62,6 +66,31 @@ def test_clicks_boxes_and_dense_prompts_stay_on_the_object():
     inside, outside = logits[truth & ~np.roll(truth, 5, 0)], logits[~truth]
     assert (logits[100, 120] > 2) and (logits[5, 5] < -2)
     assert inside.mean() > 0 > outside.mean()
+
+
+def test_far_prompts_come_from_a_copy_mate_two_to_reach_slices_away():
+    """A tapering object on nine slices of one copy (radius 40 - 4z), one slice of another copy: a
+    far prompt is the object's mask 2..3 slices away in the same copy, never the slice's own or its
+    neighbour's, and None where no copy-mate holds it; episodes with share 1 use it, share 0 never."""
+    empty = np.zeros((256, 256), np.uint16)
+    bank = [BankSlice(np.zeros((1,), np.float16), _disk(r=40 - 4 * z).astype(np.uint16), (empty, empty), "c", "axial",
+                      copy=0, z=z) for z in range(9)]
+    bank.append(BankSlice(np.zeros((1,), np.float16), _disk(r=30).astype(np.uint16), (empty, empty), "d", "axial",
+                          copy=1, z=0))
+    links = bank_links(bank)
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        i = int(rng.integers(0, 9))
+        m = far_prompt(bank, links, i, 1, 3, rng)
+        radius = int(round(np.sqrt(m.sum() / np.pi)))
+        assert abs(radius - (40 - 4 * i)) in (8, 12)  # 2 or 3 slices away, up or down
+    assert far_prompt(bank, links, 9, 1, 3, rng) is None
+    pairs = [(0, 1)] * 8  # the widest slice: far prompts from above it are smaller than the truth
+    far = make_episode(bank, pairs, "box+mask", np.random.default_rng(1), (links, 1.0, 3))
+    near = make_episode(bank, pairs, "box+mask", np.random.default_rng(1), (links, 0.0, 3))
+    truth_width = 2 * 40 + 1
+    assert all(float(b[2] - b[0]) < truth_width for b in far.boxes)  # from a smaller, farther slice (+3 px each side)
+    assert all(float(b[2] - b[0]) > truth_width - 10 for b in near.boxes)
 
 
 def test_slice_augment_moves_image_and_label_together():
@@ -334,3 +363,12 @@ def test_chain_episodes_walk_consecutive_slices_on_the_models_own_answers(chain_
         assert 0 <= (end - trainer.bank[i].z) * d < cfg.chain_length
     trainer.cfg.end_chain_share = 1.0
     assert trainer.train_step(1)["start"] == "chain (end)"
+
+    # Far prompts: a mask-prompted step whose every prompt comes from 2..3 slices away trains too.
+    trainer.cfg.chain_share, trainer.cfg.far_prompt_share, trainer.cfg.far_prompt_reach = 0.0, 1.0, 3
+    trainer.cfg.starts = {"box+mask": 1.0}
+    before = trainer._trainable_state()
+    info = trainer.train_step(2)
+    assert info["start"].startswith("box+mask") and np.isfinite(info["loss"])
+    after = trainer._trainable_state()
+    assert any(not torch.equal(before[k], after[k]) for k in before)

@@ -91,6 +91,10 @@ def add_finetune_parser(sub) -> None:
     g.add_argument("--chain-length", type=int, default=4, help="slices a chain episode walks at most")
     g.add_argument("--empty-weight", type=float, default=1.0,
                    help="weight of the leak term on targets past an object's end (predicted area P costs P/(P+16))")
+    g.add_argument("--far-prompt-share", type=float, default=0.0,
+                   help="share of mask-prompted starts whose prompt is the object's mask 2..--far-prompt-reach slices "
+                        "away (a drifted carried mask), so the model follows the image rather than copying the prompt")
+    g.add_argument("--far-prompt-reach", type=int, default=5, help="farthest slice a far prompt comes from")
     g.add_argument("--end-chain-share", type=float, default=0.0,
                    help="share of chain episodes that start near an object's end and walk past it")
     g.add_argument("--stop-policy", default=None,
@@ -146,7 +150,8 @@ def interactive_config_from_args(args):
         threads=args.threads, cache_dir=args.cache_dir, progress=True,
         chain_share=args.chain_share, chain_length=args.chain_length, teacher_model=args.teacher_model,
         end_chain_share=args.end_chain_share, keep_checkpoints=args.keep_checkpoints, stop_policy=args.stop_policy,
-        empty_weight=args.empty_weight,
+        empty_weight=args.empty_weight, far_prompt_share=args.far_prompt_share,
+        far_prompt_reach=args.far_prompt_reach,
         **({"ct_windows": tuple(w.strip() for w in args.ct_windows.split(",") if w.strip())} if args.ct_windows else {}),
     )
 
