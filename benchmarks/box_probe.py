@@ -12,16 +12,14 @@ Needs ../shared/lesions (skips with a message where it is absent).
 
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lesions import SHARED, case_sets  # noqa: E402
+from lesions import each_lesion, lesion_args  # noqa: E402
 
 BANDS = (("past the end", lambda d: d < 0), ("last slice", lambda d: d == 0),
          ("1-2 slices in", lambda d: 1 <= d <= 2), ("3+ slices in", lambda d: d >= 3))
@@ -52,25 +50,18 @@ def probe(loaded, volume, truth_ijk, cache_dir) -> list[tuple[int, float, float]
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="medsam_interactive")
-    ap.add_argument("--sets", default="sarcoma")
-    ap.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "medsam_plugin_bench_cache"))
-    args = ap.parse_args(argv)
-    if not (SHARED / "lesions").is_dir():
-        print(f"skipped: {SHARED / 'lesions'} is absent (the team's shared lesion volumes).")
+    args = lesion_args(__doc__, argv, "--model", "medsam_interactive")
+    if args is None:
         return 0
     import torch
 
-    from medsam_plugin.io import read_labels, read_volume
     from medsam_plugin.model.registry import load_model
 
     torch.set_num_threads(2)
     loaded = load_model(args.model)
     rows = []
-    for c in case_sets(args.sets.split(",")):
-        volume = read_volume(c["image"])
-        rows += probe(loaded, volume, read_labels(c["label"], volume), args.cache_dir)
+    for c, volume, truth_ijk in each_lesion(args.sets.split(",")):
+        rows += probe(loaded, volume, truth_ijk, args.cache_dir)
         print(f"  probed {c['case']}", flush=True)
     rows = np.array(rows, dtype=float)
     print(f"model {args.model}")

@@ -51,6 +51,29 @@ def case_sets(sets: list[str]) -> list[dict]:
     return out
 
 
+def lesion_args(doc: str, argv, model_flag: str, model_default: str):
+    """The command line the one-question lesion benchmarks share (a model flag, --sets, --cache-dir);
+    None, after saying so, where ../shared/lesions is absent."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(model_flag, default=model_default)
+    ap.add_argument("--sets", default="sarcoma")
+    ap.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "medsam_plugin_bench_cache"))
+    args = ap.parse_args(argv)
+    if not (SHARED / "lesions").is_dir():
+        print(f"skipped: {SHARED / 'lesions'} is absent (the team's shared lesion volumes).")
+        return None
+    return args
+
+
+def each_lesion(sets: list[str]):
+    """(case, volume, truth in the volume's voxels) of every case of `sets`, read as the engine reads them."""
+    from medsam_plugin.io import read_labels, read_volume
+
+    for c in case_sets(sets):
+        volume = read_volume(c["image"])
+        yield c, volume, read_labels(c["label"], volume)
+
+
 def run(loaded, volume, truth_ijk, label: int, protocol: str, clicks: int, cache_dir) -> dict:
     from medsam_plugin.engine.session import SegmentationSession
     from medsam_plugin.evaluation.simulate import simulate_object

@@ -17,16 +17,14 @@ Needs ../shared/lesions (skips with a message where it is absent).
 
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lesions import SHARED, case_sets  # noqa: E402
+from lesions import each_lesion, lesion_args  # noqa: E402
 
 WAYS = ("copy", "box", "box+mask", "mask")
 
@@ -57,27 +55,19 @@ def ceilings(loaded, volume, truth_ijk, cache_dir) -> dict[str, float]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="medsam_interactive,lite_medsam")
-    ap.add_argument("--sets", default="sarcoma")
-    ap.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "medsam_plugin_bench_cache"))
-    args = ap.parse_args(argv)
-    if not (SHARED / "lesions").is_dir():
-        print(f"skipped: {SHARED / 'lesions'} is absent (the team's shared lesion volumes).")
+    args = lesion_args(__doc__, argv, "--models", "medsam_interactive,lite_medsam")
+    if args is None:
         return 0
     import torch
 
-    from medsam_plugin.io import read_labels, read_volume
     from medsam_plugin.model.registry import load_model
 
     torch.set_num_threads(2)
-    cases = case_sets(args.sets.split(","))
     rows = []
     for name in args.models.split(","):
         loaded = load_model(name)
-        for c in cases:
-            volume = read_volume(c["image"])
-            d = ceilings(loaded, volume, read_labels(c["label"], volume), args.cache_dir)
+        for c, volume, truth_ijk in each_lesion(args.sets.split(",")):
+            d = ceilings(loaded, volume, truth_ijk, args.cache_dir)
             rows.append((name, c["group"], d))
             print(f"  {c['case']} {name}: " + " ".join(f"{w} {d[w]:.3f}" for w in WAYS), flush=True)
     print("| model | group | n | " + " | ".join(WAYS) + " |")
