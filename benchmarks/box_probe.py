@@ -33,8 +33,8 @@ def probe(loaded, volume, truth_ijk, cache_dir) -> list[tuple[int, float, float]
 
     session = SegmentationSession(volume, loaded_model=loaded, cache_dir=cache_dir)
     truth = session.view.to_view(truth_ijk) > 0
-    present = np.flatnonzero(truth.sum(axis=(1, 2)))
-    z0 = int(np.argmax(truth.sum(axis=(1, 2))))
+    areas = truth.sum(axis=(1, 2))
+    present, z0 = np.flatnonzero(areas), int(np.argmax(areas))
     obj = session.add_object()
     seed = session.segment_slice(obj.label_id, z0, box_xyxy=bounding_box_xyxy(truth[z0]))
     walk = run_to_completion(session.propagate(obj.label_id, stop=StopRules(policy=StopPolicy.off())))

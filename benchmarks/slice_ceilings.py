@@ -4,7 +4,8 @@ every slice is prompted from the truth instead of from the walk.
 Per object (validation sarcoma patients by default), every slice that holds it is answered four ways:
 - ``copy``: no model, the previous slice's true mask taken as the answer (how alike neighbours are);
 - ``box``: the model given the slice's own ground-truth box (a perfect box tracker);
-- ``box+mask``: the model given what propagation would carry from a perfect previous slice: its
+- ``box+mask``: the model given what propagation would carry from a perfect previous slice (the
+  neighbour towards the object's largest slice, where a walk from a seed there comes from): its
   true mask as dense logits (+-8) and its box widened as the engine widens it;
 - ``mask``: the true previous mask alone.
 A model whose ``box+mask`` is no better than ``copy`` copies the carried mask; its walk then keeps
@@ -37,10 +38,17 @@ def ceilings(loaded, volume, truth_ijk, cache_dir) -> dict[str, float]:
     session = SegmentationSession(volume, loaded_model=loaded, cache_dir=cache_dir)
     truth = session.view.to_view(truth_ijk) > 0
     hw = truth.shape[1:]
+    areas = truth.sum(axis=(1, 2))
+    z0 = int(np.argmax(areas))
     counts = {w: [0, 0] for w in WAYS}  # intersection, predicted area
-    for z in np.flatnonzero(truth.sum(axis=(1, 2))):
-        before = truth[z - 1] if z > 0 and truth[z - 1].any() else truth[z]
-        carried = SlicePrediction(z=int(z) - 1, mask_yx=before, logits_256=mask_logits_256(before), iou=1.0, prompt={})
+    for z in np.flatnonzero(areas):
+        # The slice a walk from the largest slice comes from; for the largest slice, a neighbour
+        # holding the object (its own mask only where no neighbour holds it: a gap in z).
+        step = 1 if z < z0 else -1
+        if z == z0:
+            step = -1 if z > 0 and areas[z - 1] else 1
+        before = truth[z + step] if 0 <= z + step < len(areas) and areas[z + step] else truth[z]
+        carried = SlicePrediction(z=int(z) + step, mask_yx=before, logits_256=mask_logits_256(before), iou=1.0, prompt={})
         answers = {
             "copy": before,
             "box": session.predictor.predict(int(z), box_xyxy=bounding_box_xyxy(truth[z])).mask_yx,

@@ -329,7 +329,7 @@ def chain_datalist(tmp_path_factory):
 @pytest.mark.model
 @pytest.mark.slow
 def test_chain_episodes_walk_consecutive_slices_on_the_models_own_answers(chain_datalist, tmp_path,
-                                                                          embedding_cache_dir):
+                                                                          embedding_cache_dir, monkeypatch):
     cfg = InteractiveConfig(datalist=str(chain_datalist), out=str(tmp_path / "m.pth"), variants=3,
                             steps=4, batch_size=3, max_rounds=1, lr=3e-4, warmup_steps=1, val_every=100,
                             device="cpu", cache_dir=str(embedding_cache_dir), progress=False, seed=0,
@@ -367,8 +367,19 @@ def test_chain_episodes_walk_consecutive_slices_on_the_models_own_answers(chain_
     # Far prompts: a mask-prompted step whose every prompt comes from 2..3 slices away trains too.
     trainer.cfg.chain_share, trainer.cfg.far_prompt_share, trainer.cfg.far_prompt_reach = 0.0, 1.0, 3
     trainer.cfg.starts = {"box+mask": 1.0}
+    import medsam_plugin.training.interactive as interactive
+
+    asked = []
+    real_far_prompt = interactive.far_prompt
+
+    def spy(bank, links, i, obj, reach, rng):
+        asked.append((links is trainer.links, reach))
+        return real_far_prompt(bank, links, i, obj, reach, rng)
+
+    monkeypatch.setattr(interactive, "far_prompt", spy)
     before = trainer._trainable_state()
     info = trainer.train_step(2)
     assert info["start"].startswith("box+mask") and np.isfinite(info["loss"])
+    assert asked and all(asked_links and reach == 3 for asked_links, reach in asked)
     after = trainer._trainable_state()
     assert any(not torch.equal(before[k], after[k]) for k in before)

@@ -333,7 +333,7 @@ def far_prompt(bank, links, i: int, obj: int, reach: int, rng: np.random.Generat
     """The object's mask on a copy-mate 2..reach slices from slice i (None when there is none).
     A walk's carried mask drifts from the truth (near an end it stays the size of a slice several
     slices inward: 4.4x the true area on the last three slices, v2); a neighbour's mask is almost
-    the answer (copying it scores 0.944 3D Dice on the validation sarcomas, the model 0.941), so
+    the answer (copying it scores 0.945 3D Dice on the validation sarcomas, the model 0.942), so
     prompts from farther slices teach the decoder to follow the image, not the prompt."""
     s = bank[i]
     k = int(rng.integers(2, max(2, reach) + 1))
@@ -341,7 +341,7 @@ def far_prompt(bank, links, i: int, obj: int, reach: int, rng: np.random.Generat
         j = links.get((s.copy, s.z + int(d) * k))
         if j is not None:
             m = bank[j].label == obj
-            if m.sum() > 0:
+            if m.any():
                 return m
     return None
 
